@@ -1,0 +1,31 @@
+# The two README commands: `make run` (the whole stack on localhost) and `make test` (the suite).
+# Both need only Python 3.11+ on the machine; everything else is installed into .venv.
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+
+$(STAMP): $(VPY) setup.cfg pyproject.toml
+	$(VPY) -m pip install --quiet -e '.[test,dev,lint]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VPY) scripts/run-local
+
+test: $(STAMP)
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache *.egg-info

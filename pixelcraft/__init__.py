@@ -1,0 +1,1 @@
+"""Pieces both PixelCraft services share: boot-time config handling, logging, dev services."""
