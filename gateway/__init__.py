@@ -1,0 +1,1 @@
+"""PixelCraft gateway: the rate-limiting TLS edge in front of the chat service."""

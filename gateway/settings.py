@@ -1,0 +1,99 @@
+"""GatewaySettings: every GATEWAY_* variable of the contract, validated as a whole."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from pixelcraft.fields import check_url, split_csv
+from pixelcraft.logs import LogFormat, LogLevel
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+FailureMode = Literal["local", "open", "closed"]
+
+
+class GatewaySettings(BaseSettings):
+    """Gateway configuration from the environment and `.env`."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=False, env_ignore_empty=True
+    )
+
+    redis_url: str
+    gateway_upstream_url: str
+    gateway_host: str = "0.0.0.0"
+    gateway_http_port: Port = 8080
+    gateway_https_port: Port = 8443
+    gateway_admin_host: str = "127.0.0.1"
+    gateway_admin_port: Port = 9100
+    gateway_tls_cert_file: Path | None = None
+    gateway_tls_key_file: Path | None = Field(default=None, validate_default=True)
+    gateway_acme_webroot: Path | None = None
+    gateway_ratelimit_config: Path = Path("config/ratelimits.toml")
+    gateway_ratelimit_failure_mode: FailureMode = "local"
+    gateway_redis_key_prefix: str = Field(default="pixelcraft:", min_length=1, max_length=64)
+    gateway_trusted_proxies: Annotated[list[IPNetwork], NoDecode] = []
+    gateway_jwt_secret: SecretStr | None = None
+    gateway_jwt_audience: str | None = None
+    gateway_workers: Annotated[int, Field(ge=1, le=64)] = 1
+    gateway_max_body_bytes: Annotated[int, Field(ge=1)] = 1_048_576
+    gateway_drain_seconds: Annotated[float, Field(ge=0)] = 30.0
+    gateway_upstream_connect_timeout: Seconds = 5.0
+    gateway_upstream_read_timeout: Seconds = 60.0
+    gateway_startup_retry_seconds: Annotated[float, Field(ge=0)] = 15.0
+    gateway_log_level: LogLevel = "INFO"
+    gateway_log_format: LogFormat = "text"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        return check_url(value, ("redis", "rediss", "unix"))
+
+    @field_validator("gateway_upstream_url")
+    @classmethod
+    def _upstream_scheme(cls, value: str) -> str:
+        return check_url(value, ("http", "https")).rstrip("/")
+
+    @field_validator("gateway_tls_key_file")
+    @classmethod
+    def _cert_and_key_together(cls, key: Path | None, info: ValidationInfo) -> Path | None:
+        # A cert that failed its own validation is absent from info.data: say nothing more.
+        if "gateway_tls_cert_file" not in info.data:
+            return key
+        cert = info.data["gateway_tls_cert_file"]
+        if cert is not None and key is None:
+            raise ValueError("missing: required when GATEWAY_TLS_CERT_FILE is set")
+        if cert is None and key is not None:
+            raise ValueError("set without GATEWAY_TLS_CERT_FILE: give both or neither")
+        return key
+
+    @field_validator("gateway_trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        items = split_csv(value)
+        if isinstance(items, list):
+            for item in items:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+            return [ipaddress.ip_network(item, strict=False) for item in items]
+        return items
+
+    @field_validator("gateway_jwt_secret")
+    @classmethod
+    def _jwt_secret_strength(cls, value: SecretStr | None) -> SecretStr | None:
+        # RFC 7518 §3.2: an HS256 key must be at least as long as the hash output (256 bits).
+        if value is not None and len(value.get_secret_value().encode()) < 32:
+            raise ValueError("must be at least 32 bytes long (RFC 7518 §3.2)")
+        return value
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.gateway_tls_cert_file is not None

@@ -1,0 +1,1 @@
+"""PixelCraft upstream: the chat service (aiohttp, asyncpg, streamed LLM answers)."""
