@@ -1,0 +1,1 @@
+"""Fakes for the services that cannot run here, speaking their real wire formats."""
