@@ -1,0 +1,11 @@
+"""Every AppKey of the gateway app on one screen."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from gateway.settings import GatewaySettings
+
+settings_key = web.AppKey("settings", GatewaySettings)
+redis_key = web.AppKey("redis", Redis)
