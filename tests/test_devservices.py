@@ -1,0 +1,159 @@
+"""The embedded servers: real redis-server and postgres processes, killed and started again."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from pixelcraft.devservices import (
+    PostgresServer,
+    RedisServer,
+    find_postgres_bindir,
+    find_redis_server,
+    free_port,
+    tcp_reachable,
+)
+
+needs_redis = pytest.mark.skipif(find_redis_server() is None, reason="no redis-server binary")
+needs_postgres = pytest.mark.skipif(find_postgres_bindir() is None, reason="no PostgreSQL binaries")
+LINUX = sys.platform.startswith("linux")
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of pid, from /proc ([] elsewhere)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def remaining(pids: list[int]) -> list[int]:
+    """Those of pids that still exist, zombies included."""
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+def client_for(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=2, retry=Retry(NoBackoff(), 0))
+
+
+def test_free_port_prefers_the_given_port_when_free() -> None:
+    port = free_port()
+    assert free_port(port) == port
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        assert tcp_reachable("127.0.0.1", port)
+        assert free_port(port) != port
+    assert not tcp_reachable("127.0.0.1", port, timeout=0.2)
+
+
+@needs_redis
+def test_redis_killed_then_started_again_on_the_same_port(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as server:
+        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        client = client_for(server.url)
+        try:
+            client.set("greeting", "hello")
+            assert client.get("greeting") == b"hello"
+            pid = server.pid
+            assert pid is not None
+
+            server.kill()
+            assert not server.running
+            assert remaining([pid]) == []
+            with pytest.raises(redis.ConnectionError):
+                client.ping()
+
+            server.start()
+            assert client.ping()
+            assert client.get("greeting") is None  # persist=False: nothing saved
+        finally:
+            client.close()
+    assert not server.running
+    assert not tcp_reachable("127.0.0.1", server.port, timeout=0.2)
+
+
+@needs_redis
+def test_redis_persist_keeps_data_across_a_stop(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis", persist=True)
+    with server:
+        client = client_for(server.url)
+        try:
+            client.set("kept", "yes")
+        finally:
+            client.close()
+    with server:
+        client = client_for(server.url)
+        try:
+            assert client.get("kept") == b"yes"
+        finally:
+            client.close()
+
+
+@needs_redis
+def test_redis_start_stops_a_server_left_in_its_workdir(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as first, RedisServer(tmp_path / "redis") as second:
+        assert not first.running
+        assert not tcp_reachable("127.0.0.1", first.port, timeout=0.2)
+        client = client_for(second.url)
+        try:
+            assert client.ping()
+        finally:
+            client.close()
+
+
+@needs_postgres
+async def test_postgres_stopped_killed_and_started_again(tmp_path: Path) -> None:
+    with PostgresServer(tmp_path / "pg") as server:
+        url = server.create_database("demo")
+        assert url == f"postgresql://postgres@127.0.0.1:{server.port}/demo"
+        assert server.create_database("demo") == url
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT current_database()") == "demo"
+            await conn.execute("CREATE TABLE t (v int); INSERT INTO t VALUES (1)")
+        finally:
+            await conn.close()
+
+        server.stop()
+        assert not server.running
+        with pytest.raises(OSError):
+            await asyncpg.connect(url, timeout=2)
+
+        server.start()
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT v FROM t") == 1
+            pid = server.pid
+            assert pid is not None
+            tree = [pid, *children(pid)]
+            assert len(tree) > 1 or not LINUX  # checkpointer, walwriter, this backend, ...
+
+            server.kill()
+            assert remaining(tree) == []
+            with pytest.raises((asyncpg.PostgresConnectionError, OSError)):
+                await conn.fetchval("SELECT 1")
+        finally:
+            conn.terminate()
+        with pytest.raises(OSError):
+            await asyncpg.connect(url, timeout=2)
+
+        server.start()  # crash recovery, stale postmaster.pid
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT v FROM t") == 1
+        finally:
+            await conn.close()
+    assert not tcp_reachable("127.0.0.1", server.port, timeout=0.2)
