@@ -1,0 +1,189 @@
+"""The two entry points as processes: exit codes 78 and 69, --check-config, start and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import service_env, wait_until
+
+
+def dead_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run(module: str, *args: str, **env: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=service_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_upstream_bad_config_exits_78_listing_every_problem(tmp_path: Any) -> None:
+    port = dead_port()
+    done = run(
+        "upstream",
+        DATABASE_URL="mysql://root:db-password@127.0.0.1/app",
+        UPSTREAM_LLM_PROVIDER="openai",
+        UPSTREAM_PORT=str(port),
+        DB_POOL_MAX_SIZE="zero",
+    )
+    assert done.returncode == 78
+    assert done.stderr.splitlines()[1:] == [
+        "  DATABASE_URL: must start with postgres:// or postgresql://",
+        "  OPENAI_API_KEY: missing: required when UPSTREAM_LLM_PROVIDER=openai",
+        "  DB_POOL_MAX_SIZE: must be a whole number",
+    ]
+    assert "db-password" not in done.stderr + done.stdout
+
+
+def test_gateway_bad_config_exits_78_without_secrets() -> None:
+    done = run(
+        "gateway",
+        REDIS_URL="http://:redis-password@cache:6379",
+        GATEWAY_JWT_SECRET="tiny-secret",
+    )
+    assert done.returncode == 78
+    assert "REDIS_URL: must start with redis://, rediss:// or unix://" in done.stderr
+    assert "GATEWAY_UPSTREAM_URL: missing" in done.stderr
+    assert "GATEWAY_JWT_SECRET: must be at least 32 bytes long" in done.stderr
+    assert "redis-password" not in done.stderr and "tiny-secret" not in done.stderr
+
+
+def test_check_config_prints_effective_settings_masked() -> None:
+    done = run(
+        "upstream",
+        "--check-config",
+        DATABASE_URL="postgresql://app:db-password@127.0.0.1:5432/app",
+        OPENAI_API_KEY="sk-live-very-secret",
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "DATABASE_URL=postgresql://app:********@127.0.0.1:5432/app" in lines
+    assert "OPENAI_API_KEY=********" in lines
+    assert "UPSTREAM_LLM_PROVIDER=openai" in lines and "DB_POOL_MAX_SIZE=30" in lines
+    assert "db-password" not in done.stdout and "sk-live" not in done.stdout
+    done = run(
+        "gateway",
+        "--check-config",
+        REDIS_URL="redis://127.0.0.1:6379",
+        GATEWAY_UPSTREAM_URL="http://127.0.0.1:8000",
+    )
+    assert done.returncode == 0 and "GATEWAY_HTTP_PORT=8080" in done.stdout.splitlines()
+
+
+def test_help_describes_the_service() -> None:
+    for module in ("gateway", "upstream"):
+        done = run(module, "--help")
+        assert done.returncode == 0 and "--check-config" in done.stdout and "78" in done.stdout
+
+
+def test_unreachable_redis_exits_69_naming_it() -> None:
+    port = dead_port()
+    done = run(
+        "gateway",
+        REDIS_URL=f"redis://:redis-password@127.0.0.1:{port}/0",
+        GATEWAY_UPSTREAM_URL="http://127.0.0.1:8000",
+        GATEWAY_HTTP_PORT=str(dead_port()),
+        GATEWAY_STARTUP_RETRY_SECONDS="0.5",
+    )
+    assert done.returncode == 69, done.stderr
+    assert f"Redis at 127.0.0.1:{port} unreachable (REDIS_URL)" in done.stderr
+    assert "redis-password" not in done.stderr
+
+
+def test_unreachable_postgres_exits_69_naming_it() -> None:
+    port = dead_port()
+    done = run(
+        "upstream",
+        DATABASE_URL=f"postgresql://app:db-password@127.0.0.1:{port}/app",
+        UPSTREAM_LLM_PROVIDER="local",
+        UPSTREAM_PORT=str(dead_port()),
+        UPSTREAM_STARTUP_RETRY_SECONDS="0.5",
+    )
+    assert done.returncode == 69, done.stderr
+    assert f"PostgreSQL at 127.0.0.1:{port}/app unreachable" in done.stderr
+    assert "db-password" not in done.stderr
+
+
+async def serve_until_healthy(module: str, port: int, **env: Any) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        env=service_env(**env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+
+    async def healthy() -> bool:
+        if proc.returncode is not None:
+            output = await proc.stdout.read() if proc.stdout else b""
+            raise AssertionError(f"{module} exited {proc.returncode}: {output.decode()}")
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{port}/healthz") as resp,
+            ):
+                return resp.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    await wait_until(healthy, within=30)
+    return proc
+
+
+async def stop(proc: asyncio.subprocess.Process) -> int:
+    proc.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(proc.wait(), timeout=30)
+    if proc.stdout:
+        await proc.stdout.read()
+    return code
+
+
+async def test_both_services_start_serve_and_stop_on_sigterm(
+    database_url: str, redis_url: str
+) -> None:
+    up_port, gw_port = dead_port(), dead_port()
+    upstream = await serve_until_healthy(
+        "upstream",
+        up_port,
+        DATABASE_URL=database_url,
+        UPSTREAM_LLM_PROVIDER="local",
+        UPSTREAM_PORT=str(up_port),
+    )
+    gateway = await serve_until_healthy(
+        "gateway",
+        gw_port,
+        REDIS_URL=redis_url,
+        GATEWAY_UPSTREAM_URL=f"http://127.0.0.1:{up_port}",
+        GATEWAY_HOST="127.0.0.1",
+        GATEWAY_HTTP_PORT=str(gw_port),
+    )
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{up_port}/v1/chat",
+                json={"message": "hello from a process"},
+                headers={"X-User-Id": "cli-test"},
+            ) as resp,
+        ):
+            body = await resp.text()
+            assert resp.status == 200 and "event: done" in body
+    finally:
+        assert await stop(gateway) == 0
+        assert await stop(upstream) == 0
