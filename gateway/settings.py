@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from pixelcraft.fields import check_url, split_csv
+from pixelcraft.fields import Host, check_url, split_csv
 from pixelcraft.logs import LogFormat, LogLevel
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -27,10 +27,10 @@ class GatewaySettings(BaseSettings):
 
     redis_url: str
     gateway_upstream_url: str
-    gateway_host: str = "0.0.0.0"
+    gateway_host: Host = "0.0.0.0"
     gateway_http_port: Port = 8080
     gateway_https_port: Port = 8443
-    gateway_admin_host: str = "127.0.0.1"
+    gateway_admin_host: Host = "127.0.0.1"
     gateway_admin_port: Port = 9100
     gateway_tls_cert_file: Path | None = None
     gateway_tls_key_file: Path | None = Field(default=None, validate_default=True)

@@ -55,6 +55,8 @@ def describe_error(error: Any) -> str:
         return f"must be less than {_num(ctx['lt'])}"
     if kind == "string_too_short":
         return "must not be empty" if ctx.get("min_length") == 1 else error["msg"].lower()
+    if kind == "string_too_long":
+        return f"must be at most {ctx['max_length']} characters"
     if kind == "extra_forbidden":
         return "is not a known setting"
     return str(error["msg"])

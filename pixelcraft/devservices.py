@@ -733,3 +733,73 @@ class PostgresServer(_ServerProcess):
             raise DevServiceError(
                 f"initdb failed with status {result.returncode}; {log}:\n{_log_tail(log)}"
             )
+
+
+# --- PgBouncer -------------------------------------------------------------------------------
+
+
+class PgBouncer(_ServerProcess):
+    """pgbouncer on 127.0.0.1:`port` in front of one PostgreSQL, pooling per transaction.
+
+    The deployment shape of Supabase's port-6543 pooler: server connections are shared between
+    clients transaction by transaction, so session state (named prepared statements, session
+    advisory locks) does not survive between transactions. Every client logs in as `user`.
+    """
+
+    name = "PgBouncer"
+    stop_signal = signal.SIGINT  # "safe shutdown": waits for transactions to finish
+
+    def __init__(
+        self,
+        workdir: Path,
+        target_host: str,
+        target_port: int,
+        *,
+        user: str = "postgres",
+        port: int | None = None,
+        pool_mode: str = "transaction",
+        pool_size: int = 2,
+    ) -> None:
+        super().__init__(workdir)
+        self.port = port if port is not None else free_port()
+        self.target = (target_host, target_port)
+        self.user = user
+        self.pool_mode = pool_mode
+        self.pool_size = pool_size
+        self.logfile = self.workdir / "pgbouncer.log"
+
+    def url_for(self, dbname: str) -> str:
+        return f"postgresql://{quote(self.user)}@{LOOPBACK}:{self.port}/{quote(dbname)}"
+
+    def start(self) -> None:
+        """Write the config, launch pgbouncer (never as root) and return once it accepts."""
+        if self.running:
+            return
+        binary = shutil.which("pgbouncer") or (
+            "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None
+        )
+        if binary is None:
+            raise DevServiceError("no pgbouncer binary: install the pgbouncer package")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "pgbouncer.ini"
+        host, port = self.target
+        config.write_text(
+            "[databases]\n"
+            f"* = host={host} port={port} user={self.user}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = {LOOPBACK}\n"
+            f"listen_port = {self.port}\n"
+            "unix_socket_dir =\n"
+            "auth_type = any\n"
+            f"pool_mode = {self.pool_mode}\n"
+            f"default_pool_size = {self.pool_size}\n"
+            "max_client_conn = 200\n"
+            "ignore_startup_parameters = extra_float_digits\n"
+            f"logfile = {self.logfile}\n"
+        )
+        account = _postgres_account()  # pgbouncer refuses to run as root, like postgres
+        if account is not None:
+            _make_reachable(self.workdir, account)
+            _chown_tree(self.workdir, account)
+        self._launch([binary, str(config)], self.workdir / "pgbouncer.out", account)
+        self._wait_ready(lambda: tcp_reachable(LOOPBACK, self.port, 0.2), self.logfile)

@@ -1,8 +1,13 @@
-"""Validators both services' settings use for URLs and comma-separated lists."""
+"""Validators both services' settings use for URLs, hosts and comma-separated lists."""
 
 from __future__ import annotations
 
+import ipaddress
+import re
+from typing import Annotated
 from urllib.parse import urlsplit
+
+from pydantic import AfterValidator
 
 
 def check_url(value: str, schemes: tuple[str, ...], *, needs_host: bool = True) -> str:
@@ -26,3 +31,21 @@ def split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+
+
+def check_host(value: str) -> str:
+    """An address to listen on: an IP address or a host name, not a URL or host:port."""
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+        return value.strip("[]")
+    except ValueError:
+        pass
+    if len(value) > 253 or not _HOSTNAME.match(value):
+        raise ValueError("must be an IP address or a host name (no scheme or port)")
+    return value
+
+
+Host = Annotated[str, AfterValidator(check_host)]

@@ -6,12 +6,17 @@ import contextvars
 import json
 import logging
 import sys
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 LogFormat = Literal["text", "json"]
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR"],
+    BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
+]
 
 
 class RequestIdFilter(logging.Filter):

@@ -84,6 +84,16 @@ def test_upstream_defaults(clean_env: pytest.MonkeyPatch) -> None:
             "127.0.0.1:8000",
             "GATEWAY_UPSTREAM_URL: must start with http:// or https://",
         ),
+        (
+            "GATEWAY_HOST",
+            "http://0.0.0.0",
+            "GATEWAY_HOST: must be an IP address or a host name (no scheme or port)",
+        ),
+        (
+            "GATEWAY_ADMIN_HOST",
+            "localhost:9100",
+            "GATEWAY_ADMIN_HOST: must be an IP address or a host name (no scheme or port)",
+        ),
         ("GATEWAY_HTTP_PORT", "http", "GATEWAY_HTTP_PORT: must be a whole number"),
         ("GATEWAY_HTTP_PORT", "0", "GATEWAY_HTTP_PORT: must be at least 1"),
         ("GATEWAY_HTTPS_PORT", "70000", "GATEWAY_HTTPS_PORT: must be at most 65535"),
@@ -182,6 +192,23 @@ def test_gateway_variable_problems(
         ("DB_POOL_ACQUIRE_TIMEOUT", "0", "DB_POOL_ACQUIRE_TIMEOUT: must be greater than 0"),
         ("DB_STATEMENT_CACHE_SIZE", "-5", "DB_STATEMENT_CACHE_SIZE: must be at least 0"),
         ("UPSTREAM_LOCAL_TOKEN_DELAY", "fast", "UPSTREAM_LOCAL_TOKEN_DELAY: must be a number"),
+        (
+            "UPSTREAM_HOST",
+            "0.0.0.0:8000",
+            "UPSTREAM_HOST: must be an IP address or a host name (no scheme or port)",
+        ),
+        ("UPSTREAM_DRAIN_SECONDS", "-1", "UPSTREAM_DRAIN_SECONDS: must be at least 0"),
+        (
+            "UPSTREAM_STARTUP_RETRY_SECONDS",
+            "later",
+            "UPSTREAM_STARTUP_RETRY_SECONDS: must be a number",
+        ),
+        (
+            "UPSTREAM_LOG_LEVEL",
+            "verbose",
+            "UPSTREAM_LOG_LEVEL: must be one of DEBUG, INFO, WARNING or ERROR",
+        ),
+        ("UPSTREAM_LOG_FORMAT", "yaml", "UPSTREAM_LOG_FORMAT: must be one of text or json"),
     ],
 )
 def test_upstream_variable_problems(
@@ -231,6 +258,22 @@ def test_dotenv_is_read_and_environment_wins(clean_env: pytest.MonkeyPatch, tmp_
     assert s.redis_url == "redis://from-dotenv:6379"
     assert s.gateway_upstream_url == "http://up:8000"
     assert s.gateway_http_port == 9001
+
+
+def test_hosts_and_log_levels_are_accepted_in_their_usual_spellings(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    for name, value in GATEWAY_REQUIRED.items():
+        clean_env.setenv(name, value)
+    clean_env.setenv("GATEWAY_HOST", "[::]")
+    clean_env.setenv("GATEWAY_ADMIN_HOST", "metrics.internal")
+    clean_env.setenv("GATEWAY_LOG_LEVEL", "debug")
+    s = GatewaySettings(_env_file=None)
+    assert (s.gateway_host, s.gateway_admin_host, s.gateway_log_level) == (
+        "::",
+        "metrics.internal",
+        "DEBUG",
+    )
 
 
 def test_trusted_proxies_parse_as_networks(clean_env: pytest.MonkeyPatch) -> None:

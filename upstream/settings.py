@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pixelcraft.fields import check_url
+from pixelcraft.fields import Host, check_url
 from pixelcraft.logs import LogFormat, LogLevel
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -29,7 +29,7 @@ class UpstreamSettings(BaseSettings):
     openai_connect_timeout: Seconds = 10.0
     openai_read_timeout: Seconds = 60.0
     openai_max_retries: Annotated[int, Field(ge=0, le=10)] = 2
-    upstream_host: str = "127.0.0.1"
+    upstream_host: Host = "127.0.0.1"
     upstream_port: Port = 8000
     upstream_local_token_delay: Annotated[float, Field(ge=0, le=5)] = 0.02
     upstream_drain_seconds: Annotated[float, Field(ge=0)] = 30.0
