@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import uvloop
 
-from gateway.app import create_app
+from gateway.server import serve
 from gateway.settings import GatewaySettings
+from gateway.supervisor import supervise
 from pixelcraft import logs
 from pixelcraft.boot import (
     EX_UNAVAILABLE,
@@ -16,7 +18,6 @@ from pixelcraft.boot import (
     fail,
     load_settings,
 )
-from pixelcraft.serve import serve
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,7 +26,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=(
             "PixelCraft gateway: the edge every external request passes through. Configured by "
             "environment variables (and .env); see README.md. Exits 78 on invalid "
-            "configuration, 69 when Redis stays unreachable."
+            "configuration, 69 when Redis stays unreachable. SIGTERM drains in-flight requests "
+            "and exits 0; SIGHUP reloads what is reloadable."
         ),
     )
     parser.add_argument(
@@ -33,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="validate the configuration, print the effective settings (secrets masked), exit",
     )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -44,14 +47,14 @@ def main(argv: list[str] | None = None) -> None:
         print("configuration OK")
         return
     logs.configure(settings.gateway_log_level, settings.gateway_log_format)
-    app = create_app(settings)
-    listen = [(settings.gateway_host, settings.gateway_http_port)]
     try:
-        uvloop.run(serve(app, listen, shutdown_timeout=settings.gateway_drain_seconds))
+        if settings.gateway_workers > 1 and not args.worker:
+            sys.exit(uvloop.run(supervise(settings)))
+        uvloop.run(serve(settings, reuse_port=args.worker, admin=not args.worker))
     except DependencyUnavailable as exc:
         fail(EX_UNAVAILABLE, f"gateway: {exc}")
     except OSError as exc:
-        fail(EX_UNAVAILABLE, f"gateway: cannot listen on {listen[0][0]}:{listen[0][1]}: {exc}")
+        fail(EX_UNAVAILABLE, f"gateway: cannot listen: {exc}")
 
 
 if __name__ == "__main__":

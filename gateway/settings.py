@@ -40,12 +40,20 @@ class GatewaySettings(BaseSettings):
     gateway_redis_key_prefix: str = Field(default="pixelcraft:", min_length=1, max_length=64)
     gateway_trusted_proxies: Annotated[list[IPNetwork], NoDecode] = []
     gateway_jwt_secret: SecretStr | None = None
+    gateway_jwks_url: str | None = None
+    gateway_jwks_file: Path | None = None
     gateway_jwt_audience: str | None = None
+    gateway_jwt_issuer: str | None = None
     gateway_workers: Annotated[int, Field(ge=1, le=64)] = 1
     gateway_max_body_bytes: Annotated[int, Field(ge=1)] = 1_048_576
     gateway_drain_seconds: Annotated[float, Field(ge=0)] = 30.0
     gateway_upstream_connect_timeout: Seconds = 5.0
+    gateway_upstream_first_byte_timeout: Seconds = 60.0
     gateway_upstream_read_timeout: Seconds = 60.0
+    gateway_upstream_pool_size: Annotated[int, Field(ge=1, le=10_000)] = 256
+    gateway_header_timeout: Seconds = 10.0
+    gateway_keepalive_timeout: Seconds = 75.0
+    gateway_access_log: bool = True
     gateway_startup_retry_seconds: Annotated[float, Field(ge=0)] = 15.0
     gateway_log_level: LogLevel = "INFO"
     gateway_log_format: LogFormat = "text"
@@ -59,6 +67,18 @@ class GatewaySettings(BaseSettings):
     @classmethod
     def _upstream_scheme(cls, value: str) -> str:
         return check_url(value, ("http", "https")).rstrip("/")
+
+    @field_validator("gateway_jwks_url")
+    @classmethod
+    def _jwks_scheme(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value, ("https", "http"))
+
+    @field_validator("gateway_jwks_file")
+    @classmethod
+    def _one_key_set(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("gateway_jwks_url") is not None:
+            raise ValueError("set together with GATEWAY_JWKS_URL: give one key set source")
+        return value
 
     @field_validator("gateway_tls_key_file")
     @classmethod
@@ -97,3 +117,8 @@ class GatewaySettings(BaseSettings):
     @property
     def tls_enabled(self) -> bool:
         return self.gateway_tls_cert_file is not None
+
+    @property
+    def jwt_enabled(self) -> bool:
+        """JWT mode: a Bearer token decides the user, client X-User-Id is never believed."""
+        return bool(self.gateway_jwt_secret or self.gateway_jwks_url or self.gateway_jwks_file)

@@ -35,9 +35,13 @@ class JsonFormatter(logging.Formatter):
             "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
             "level": record.levelname,
             "logger": record.name,
+            "pid": record.process,
             "request_id": getattr(record, "request_id", "-"),
             "message": record.getMessage(),
         }
+        extra = getattr(record, "access", None)
+        if extra is not None:
+            entry.update(extra)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -51,7 +55,9 @@ def configure(level: LogLevel, fmt: LogFormat) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+            logging.Formatter(
+                "%(asctime)s %(process)d %(levelname)s %(name)s [%(request_id)s] %(message)s"
+            )
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

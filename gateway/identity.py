@@ -1,0 +1,116 @@
+"""Who is asking: the client's address and the identity limits are keyed on.
+
+The client address is the socket peer, unless that peer is a trusted proxy: then
+`X-Forwarded-For` is walked right to left over trusted hops and the first untrusted address is
+the client (the rightmost address nobody we trust vouches for). Identity is, first that applies:
+a verified JWT's `sub` (JWT mode), a well-formed `X-User-Id` (not in JWT mode), the client
+address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from aiohttp import web
+
+from gateway.errors import BadHeader, Unauthorized
+from gateway.tokens import InvalidToken, TokenVerifier, bearer_token
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+USER_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+
+Kind = Literal["jwt", "header", "ip"]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The key limits are counted under; `kind` is safe to log, `value` is not."""
+
+    kind: Kind
+    value: str
+
+
+def _parse(text: str) -> IPAddress | None:
+    """An address from a socket peer or an X-Forwarded-For entry (`[v6]:port`, `v4:port`)."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1 : text.find("]")]
+    elif text.count(":") == 1:  # IPv4 with a port
+        text = text.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def _trusted(address: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
+    return any(address in network for network in trusted)
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Where a request comes from: the resolved client address, and whether the socket peer is
+    a trusted proxy (whose X-Forwarded-* headers may then be passed on)."""
+
+    address: str
+    peer_trusted: bool
+
+
+def client_of(peer: str, forwarded_for: Sequence[str], trusted: Sequence[IPNetwork]) -> Client:
+    """The client, honouring X-Forwarded-For only through trusted proxies."""
+    if not trusted:
+        return Client(peer, False)
+    current = _parse(peer)
+    if current is None or not _trusted(current, trusted):
+        return Client(str(current) if current is not None else peer, False)
+    hops = [hop for value in forwarded_for for hop in value.split(",")]
+    for hop in reversed(hops):
+        address = _parse(hop)
+        if address is None:
+            break  # garbage from the client side of the chain: the last trusted hop saw it
+        current = address
+        if not _trusted(address, trusted):
+            break
+    return Client(str(current), True)
+
+
+def header_user(request: web.BaseRequest) -> str | None:
+    """A well-formed, single X-User-Id, None when absent; BadHeader otherwise."""
+    values = request.headers.getall("X-User-Id", ())
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadHeader("X-User-Id", "sent more than once")
+    if not USER_ID.match(values[0]):
+        raise BadHeader("X-User-Id", f"must match {USER_ID.pattern}")
+    return values[0]
+
+
+async def resolve(
+    request: web.BaseRequest, client: str, verifier: TokenVerifier | None
+) -> Identity:
+    """The identity of this request (see the module docstring for the order)."""
+    if verifier is not None:
+        authorization = request.headers.getall("Authorization", ())
+        if len(authorization) > 1:
+            raise BadHeader("Authorization", "sent more than once")
+        try:
+            token = bearer_token(authorization[0] if authorization else None)
+            if token is not None:
+                claims = await verifier.verify(token)
+                return Identity("jwt", claims.sub)
+        except InvalidToken as exc:
+            raise Unauthorized(exc.reason) from exc
+        return Identity("ip", client)
+    user = header_user(request)
+    if user is not None:
+        return Identity("header", user)
+    return Identity("ip", client)

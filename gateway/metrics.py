@@ -1,0 +1,123 @@
+"""Prometheus metrics: one Metrics object per app, owning its CollectorRegistry.
+
+With several worker processes (GATEWAY_WORKERS > 1) every worker writes its samples to files in
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, chosen by that variable at
+import) and the supervising process serves their sum on the admin port.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# Latency buckets from 1 ms to 10 min: plain requests and long SSE streams in one histogram.
+DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
+MAX_ROUTES = 200  # distinct route labels before new ones become "other"
+_ID_SEGMENT = re.compile(
+    r"^(\d+|[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+    r"|[0-9a-fA-F]{16,}|[A-Za-z0-9_-]{24,})$"
+)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """Every metric of the contract that the gateway core records."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gateway_http_requests_total",
+            "Requests answered, by method, route template and status.",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gateway_http_request_duration_seconds",
+            "Time from request received to response complete (streams included), by route.",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors_total",
+            "Failed exchanges with the upstream, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "gateway_inflight_requests",
+            "Requests being handled now, streams included.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self._routes: dict[str, str] = {}
+        self._labels: set[str] = set()
+
+    def route(self, path: str, status: int) -> str:
+        """A bounded route label for a proxied path: id-like segments become `{id}`.
+
+        Paths the upstream does not know (404) are `unmatched` and never take one of the
+        MAX_ROUTES label slots, so random URLs cannot crowd out real routes.
+        """
+        if status == 404:
+            return "unmatched"
+        label = self._routes.get(path)
+        if label is None:
+            segments = path.split("/")
+            label = "/".join("{id}" if _ID_SEGMENT.match(s) else s for s in segments[:6]) or "/"
+            if label not in self._labels:
+                if len(self._labels) >= MAX_ROUTES:
+                    label = "other"
+                else:
+                    self._labels.add(label)
+            if len(self._routes) < 10 * MAX_ROUTES:
+                self._routes[path] = label
+        return label
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition: this registry, or the sum over worker processes."""
+        path = multiprocess_dir()
+        if path is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=path)  # type: ignore[no-untyped-call]
+        return generate_latest(merged), CONTENT_TYPE_LATEST
+
+
+metrics_key = web.AppKey("metrics", Metrics)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    """GET /metrics (admin port only)."""
+    body, content_type = request.app[metrics_key].render()
+    response = web.Response(body=body)
+    response.content_type = content_type.split(";")[0]
+    response.charset = "utf-8"
+    return response
+
+
+def create_admin_app(metrics: Metrics) -> web.Application:
+    """The admin listener's app: `/metrics`, never served on the public ports."""
+    app = web.Application()
+    app[metrics_key] = metrics
+    app.router.add_get("/metrics", metrics_handler)
+    return app

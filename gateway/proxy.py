@@ -1,0 +1,237 @@
+"""The forwarding handler: every request the gateway does not own goes to the upstream.
+
+Bodies stream both ways without buffering (a chunk is written to the other side as soon as it
+is read). One shared ClientSession with a keep-alive pool. Timeouts are separate: connect
+(GATEWAY_UPSTREAM_CONNECT_TIMEOUT, pool wait included), first byte of the response
+(GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT) and silence between body chunks
+(GATEWAY_UPSTREAM_READ_TIMEOUT); there is no total, so a stream that keeps sending is never cut.
+Failures before the response are 502/504 problems; after it started, the client connection is
+aborted so a truncated body can never look complete. A client that leaves cancels the handler
+(handler_cancellation), which closes the upstream request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway import headers as hdrs
+from gateway.errors import BodyTooLarge, UpstreamTimeout, UpstreamUnavailable
+from gateway.identity import Client, Identity, client_of, resolve
+from gateway.metrics import Metrics
+from gateway.settings import GatewaySettings
+from gateway.tokens import TokenVerifier
+from gateway.websocket import is_websocket, relay_websocket
+
+logger = logging.getLogger(__name__)
+
+# A chunked request body up to this size is read whole before anything is sent upstream, so
+# an oversized one is a 413 with no byte forwarded; past it (only when GATEWAY_MAX_BODY_BYTES is
+# larger) it streams and an overflow aborts the upstream request mid-body.
+PREFETCH_BYTES = 1 << 20
+
+# Per-request state the edge middleware reads back (aiohttp requests are mappings).
+REQUEST_ID = web.RequestKey("request_id", str)
+IDENTITY = web.RequestKey("identity", Identity)
+ROUTE_PATH = web.RequestKey("route_path", str)
+ABORTED = web.RequestKey("aborted", str)
+
+
+class _Counted:
+    """A chunked body streamed upstream past the prefetch, counted against the limit."""
+
+    __slots__ = ("exceeded", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.exceeded = False
+
+    async def stream(self, head: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+        total = len(head)
+        yield head
+        async for chunk in rest.iter_any():
+            total += len(chunk)
+            if total > self.limit:
+                self.exceeded = True
+                raise BodyTooLarge(f"request body exceeds {self.limit} bytes")
+            yield chunk
+
+
+class Proxy:
+    """Forwarding state shared by all requests: the session, the upstream, the limits."""
+
+    def __init__(self, settings: GatewaySettings, metrics: Metrics) -> None:
+        self.base = settings.gateway_upstream_url
+        self.max_body = settings.gateway_max_body_bytes
+        self.connect_timeout = settings.gateway_upstream_connect_timeout
+        self.first_byte_timeout = settings.gateway_upstream_first_byte_timeout
+        self.read_timeout = settings.gateway_upstream_read_timeout
+        self.pool_size = settings.gateway_upstream_pool_size
+        self.trusted = list(settings.gateway_trusted_proxies)
+        self.metrics = metrics
+        self.verifier: TokenVerifier | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def open(self) -> aiohttp.ClientSession:
+        """Create the shared session (inside the running loop, from a cleanup context)."""
+        connector = aiohttp.TCPConnector(
+            limit=self.pool_size,
+            limit_per_host=0,
+            keepalive_timeout=15,  # below the upstream's own idle timeout (aiohttp: 75 s)
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=self.connect_timeout, sock_connect=self.connect_timeout
+            ),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        return self._session
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Proxy.open() runs at startup"
+        return self._session
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Forward one request and stream the answer back."""
+        client = client_of(
+            request.remote or "unknown", request.headers.getall("X-Forwarded-For", ()), self.trusted
+        )
+        identity = await resolve(request, client.address, self.verifier)
+        request[IDENTITY] = identity
+        request[ROUTE_PATH] = request.path
+        headers = self.forward_headers(request, client, identity)
+        url = URL(self.base + request.raw_path, encoded=True)  # the client's bytes, as sent
+        if is_websocket(request):
+            return await relay_websocket(request, self.session, url, headers, self.metrics)
+        return await self.forward(request, url, headers)
+
+    def forward_headers(
+        self, request: web.Request, client: Client, identity: Identity
+    ) -> CIMultiDict[str]:
+        incoming = request.headers
+        peer = request.remote or "unknown"
+        proto, host = request.scheme, request.host
+        if client.peer_trusted:  # a trusted proxy in front says what the client used
+            proto = incoming.get("X-Forwarded-Proto", proto)
+            host = incoming.get("X-Forwarded-Host", host)
+        return hdrs.upstream_request_headers(
+            incoming,
+            forwarded_for=hdrs.append_forwarded_for(
+                incoming.getall("X-Forwarded-For", []), peer, client.peer_trusted
+            ),
+            proto=proto,
+            host=host,
+            request_id=request[REQUEST_ID],
+            user_id=identity.value if identity.kind != "ip" else f"ip:{identity.value}",
+        )
+
+    async def request_body(
+        self, request: web.Request
+    ) -> tuple[bytes | aiohttp.StreamReader | AsyncIterator[bytes] | None, _Counted | None]:
+        """The body to send upstream; 413 before any byte is sent whenever that is knowable."""
+        if not request.body_exists:
+            return None, None
+        length = request.content_length
+        if length is not None:
+            if length > self.max_body:
+                raise BodyTooLarge(
+                    f"request body of {length} bytes exceeds the limit of {self.max_body}"
+                )
+            return request.content, None
+        head = bytearray()
+        while chunk := await request.content.readany():
+            head += chunk
+            if len(head) > self.max_body:
+                raise BodyTooLarge(f"request body exceeds the limit of {self.max_body} bytes")
+            if len(head) > PREFETCH_BYTES:
+                counted = _Counted(self.max_body)
+                return counted.stream(bytes(head), request.content), counted
+        return bytes(head), None
+
+    async def forward(
+        self, request: web.Request, url: URL, headers: CIMultiDict[str]
+    ) -> web.StreamResponse:
+        body, counted = await self.request_body(request)
+        loop = asyncio.get_running_loop()
+        response: web.StreamResponse | None = None
+        try:
+            async with asyncio.timeout(self.first_byte_timeout) as timer:
+                async with self.session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    compress=None,
+                ) as upstream:
+                    response = web.StreamResponse(
+                        status=upstream.status,
+                        reason=upstream.reason,
+                        headers=hdrs.client_response_headers(
+                            upstream.headers, request_id=request[REQUEST_ID]
+                        ),
+                    )
+                    await response.prepare(request)
+                    content = upstream.content
+                    while True:
+                        timer.reschedule(loop.time() + self.read_timeout)
+                        chunk = await content.readany()
+                        if not chunk:
+                            break
+                        timer.reschedule(None)
+                        try:
+                            await response.write(chunk)
+                        except ConnectionError:
+                            request[ABORTED] = "client gone"
+                            return response
+                    timer.reschedule(None)
+            await response.write_eof()
+            return response
+        except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError: it is one
+            self.metrics.upstream_errors.labels("connect_timeout").inc()
+            raise UpstreamTimeout(
+                f"could not connect to the upstream within {self.connect_timeout:g} s"
+            ) from exc
+        except TimeoutError as exc:
+            if response is not None:
+                return self.abort(request, response, "idle_timeout")
+            self.metrics.upstream_errors.labels("first_byte_timeout").inc()
+            raise UpstreamTimeout(
+                f"the upstream sent no response within {self.first_byte_timeout:g} s"
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            self.metrics.upstream_errors.labels("connect").inc()
+            raise UpstreamUnavailable(f"could not connect to the upstream: {exc.strerror}") from exc
+        except aiohttp.ClientError as exc:
+            if counted is not None and counted.exceeded:
+                raise BodyTooLarge(
+                    f"request body exceeds the limit of {self.max_body} bytes"
+                ) from exc
+            if response is None:
+                self.metrics.upstream_errors.labels("reset").inc()
+                raise UpstreamUnavailable(
+                    "the upstream closed the connection before answering"
+                ) from exc
+            return self.abort(request, response, "reset_mid_body")
+
+    def abort(
+        self, request: web.Request, response: web.StreamResponse, kind: str
+    ) -> web.StreamResponse:
+        """The upstream failed mid-body: cut the client off so it cannot mistake the part it
+        got for the whole (no final chunk, or fewer bytes than Content-Length)."""
+        self.metrics.upstream_errors.labels(kind).inc()
+        logger.warning("upstream failed mid-body (%s); aborting the client connection", kind)
+        request[ABORTED] = kind
+        if request.transport is not None:
+            request.transport.abort()
+        return response

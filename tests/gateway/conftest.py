@@ -1,0 +1,151 @@
+"""Fixtures for gateway tests: a scriptable upstream, gateways in-process and as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from tests.conftest import service_env, wait_until
+from tests.fakes.upstream import UpstreamState, create_fake_upstream
+
+
+@dataclass
+class FakeUpstream:
+    url: str
+    state: UpstreamState
+    server: TestServer
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> FakeUpstream:
+    state = UpstreamState()
+    server = await aiohttp_server(create_fake_upstream(state))
+    return FakeUpstream(str(server.make_url("")).rstrip("/"), state, server)
+
+
+@pytest.fixture
+def gateway_settings(redis_url: str, key_prefix: str) -> Callable[..., GatewaySettings]:
+    def build(upstream_url: str, **overrides: Any) -> GatewaySettings:
+        values: dict[str, Any] = {
+            "redis_url": redis_url,
+            "gateway_upstream_url": upstream_url,
+            "gateway_redis_key_prefix": key_prefix,
+            "gateway_startup_retry_seconds": 1,
+        }
+        values.update(overrides)
+        return GatewaySettings(_env_file=None, **values)
+
+    return build
+
+
+GatewayFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def make_gateway(
+    aiohttp_client: Any, gateway_settings: Callable[..., GatewaySettings]
+) -> GatewayFactory:
+    """The gateway app on a real socket in this process: `await make_gateway(url, **settings)`."""
+
+    async def start(upstream_url: str, **overrides: Any) -> TestClient[Any, Any]:
+        client: TestClient[Any, Any] = await aiohttp_client(
+            create_app(gateway_settings(upstream_url, **overrides))
+        )
+        return client
+
+    return start
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class GatewayProcess:
+    """`python -m gateway` running as its own process."""
+
+    proc: asyncio.subprocess.Process
+    url: str
+    admin_url: str
+    output: list[str]
+    reader: asyncio.Future[None]
+
+    async def stop(self, sig: int = signal.SIGTERM, within: float = 30) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        return await asyncio.wait_for(self.proc.wait(), within)
+
+
+@pytest.fixture
+async def gateway_process(
+    redis_url: str, key_prefix: str
+) -> AsyncIterator[Callable[..., Awaitable[GatewayProcess]]]:
+    started: list[GatewayProcess] = []
+
+    async def start(upstream_url: str, **env: Any) -> GatewayProcess:
+        port, admin = free_port(), free_port()
+        variables = {
+            "REDIS_URL": redis_url,
+            "GATEWAY_UPSTREAM_URL": upstream_url,
+            "GATEWAY_REDIS_KEY_PREFIX": key_prefix,
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_HTTP_PORT": port,
+            "GATEWAY_ADMIN_PORT": admin,
+            **env,
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            env=service_env(**variables),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output: list[str] = []
+
+        async def collect() -> None:
+            assert proc.stdout is not None
+            async for line in proc.stdout:
+                output.append(line.decode(errors="replace").rstrip())
+
+        gateway = GatewayProcess(
+            proc,
+            f"http://127.0.0.1:{port}",
+            f"http://127.0.0.1:{admin}",
+            output,
+            asyncio.ensure_future(collect()),
+        )
+        started.append(gateway)
+
+        async def healthy() -> bool:
+            if proc.returncode is not None:
+                raise AssertionError(f"gateway exited {proc.returncode}: " + "\n".join(output))
+            try:
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(f"{gateway.url}/healthz") as resp:
+                        return resp.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await wait_until(healthy, within=30)
+        return gateway
+
+    yield start
+    for gateway in started:
+        if gateway.proc.returncode is None:
+            gateway.proc.kill()
+            await gateway.proc.wait()
+        await gateway.reader
