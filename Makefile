@@ -29,3 +29,8 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# Gateway overhead against a direct connection and nginx; see CAPACITY_PLANNING.md.
+# Options: make bench BENCH_ARGS="--quick" (or --rounds 5, --markdown FILE, ...).
+bench: $(STAMP)
+	$(VPY) scripts/bench $(BENCH_ARGS)
