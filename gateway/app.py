@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -10,10 +11,11 @@ import aiohttp
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway.edge import make_edge_middleware
-from gateway.keys import lifecycle_key, proxy_key, redis_key, settings_key
+from gateway.accesslog import AccessLog
+from gateway.edge import make_edge
+from gateway.keys import access_log_key, lifecycle_key, proxy_key, redis_key, settings_key
 from gateway.lifecycle import Lifecycle
-from gateway.metrics import Metrics, metrics_key
+from gateway.metrics import Metrics, metrics_key, multiprocess_dir
 from gateway.proxy import Proxy
 from gateway.redis import redis_ctx
 from gateway.settings import GatewaySettings
@@ -92,23 +94,52 @@ async def tokens_ctx(app: web.Application) -> AsyncIterator[None]:
     await verifier.close()
 
 
+async def inflight_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Worker processes push their in-flight count each second (see Metrics.track_inflight)."""
+    metrics = app[metrics_key]
+
+    async def push() -> None:
+        while True:
+            metrics.push_inflight()
+            await asyncio.sleep(1.0)
+
+    task = asyncio.get_running_loop().create_task(push())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def access_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    access_log = app[access_log_key]
+    access_log.start()
+    yield
+    access_log.close()
+
+
 def create_app(settings: GatewaySettings, metrics: Metrics | None = None) -> web.Application:
     """The public app; `metrics` is shared with the admin app that serves it."""
     metrics = metrics if metrics is not None else Metrics()
     lifecycle = Lifecycle()
+    metrics.track_inflight(lambda: lifecycle.inflight)
     proxy = Proxy(settings, metrics)
-    app = web.Application(
-        middlewares=[make_edge_middleware(lifecycle, metrics, settings.gateway_access_log)],
-    )
+    access_log = AccessLog(settings.gateway_log_format) if settings.gateway_access_log else None
+    edge = make_edge(lifecycle, metrics, access_log)
+    app = web.Application()
+    if access_log is not None:
+        app[access_log_key] = access_log
+        app.cleanup_ctx.append(access_log_ctx)
     app[settings_key] = settings
     app[metrics_key] = metrics
     app[lifecycle_key] = lifecycle
     app[proxy_key] = proxy
+    if multiprocess_dir() is not None:
+        app.cleanup_ctx.append(inflight_ctx)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(proxy_ctx)
     if settings.jwt_enabled:
         app.cleanup_ctx.append(tokens_ctx)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    app.router.add_get("/healthz", edge(healthz, "/healthz"))
+    app.router.add_get("/readyz", edge(readyz, "/readyz"))
+    app.router.add_route("*", "/{tail:.*}", edge(proxy.handle, None))
     return app

@@ -59,6 +59,11 @@ def upstream_request_headers(
     out["X-Forwarded-Host"] = host
     out["X-Request-Id"] = request_id
     out["X-User-Id"] = user_id
+    if "Accept-Encoding" not in out:
+        # Bodies pass through undecoded: without this the HTTP client would offer gzip on the
+        # client's behalf and hand it a body it never asked for. (Cheaper than the client's
+        # skip_auto_headers, which copies the headers on every request.)
+        out["Accept-Encoding"] = "identity"
     return out
 
 

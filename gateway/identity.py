@@ -94,23 +94,24 @@ def header_user(request: web.BaseRequest) -> str | None:
     return values[0]
 
 
-async def resolve(
-    request: web.BaseRequest, client: str, verifier: TokenVerifier | None
-) -> Identity:
-    """The identity of this request (see the module docstring for the order)."""
-    if verifier is not None:
-        authorization = request.headers.getall("Authorization", ())
-        if len(authorization) > 1:
-            raise BadHeader("Authorization", "sent more than once")
-        try:
-            token = bearer_token(authorization[0] if authorization else None)
-            if token is not None:
-                claims = await verifier.verify(token)
-                return Identity("jwt", claims.sub)
-        except InvalidToken as exc:
-            raise Unauthorized(exc.reason) from exc
-        return Identity("ip", client)
+def resolve_plain(request: web.BaseRequest, client: str) -> Identity:
+    """Not in JWT mode: a well-formed X-User-Id, else the client address."""
     user = header_user(request)
     if user is not None:
         return Identity("header", user)
+    return Identity("ip", client)
+
+
+async def resolve_jwt(request: web.BaseRequest, client: str, verifier: TokenVerifier) -> Identity:
+    """JWT mode: a verified bearer token's `sub`, else the client address (never X-User-Id)."""
+    authorization = request.headers.getall("Authorization", ())
+    if len(authorization) > 1:
+        raise BadHeader("Authorization", "sent more than once")
+    try:
+        token = bearer_token(authorization[0] if authorization else None)
+        if token is not None:
+            claims = await verifier.verify(token)
+            return Identity("jwt", claims.sub)
+    except InvalidToken as exc:
+        raise Unauthorized(exc.reason) from exc
     return Identity("ip", client)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -27,6 +29,7 @@ DURATION_BUCKETS = (
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 MAX_ROUTES = 200  # distinct route labels before new ones become "other"
 _ID_SEGMENT = re.compile(
     r"^(\d+|[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
@@ -71,6 +74,35 @@ class Metrics:
         )
         self._routes: dict[str, str] = {}
         self._labels: set[str] = set()
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._push_inflight: Callable[[], int] | None = None
+
+    def track_inflight(self, count: Callable[[], int]) -> None:
+        """The in-flight gauge reads `count` at scrape time: no per-request cost. Worker
+        processes (multiprocess mode, where callbacks cannot be summed) push it instead."""
+        if multiprocess_dir() is None:
+            self.inflight.set_function(count)
+            return
+        self._push_inflight = count
+
+    def push_inflight(self) -> None:
+        if self._push_inflight is not None:
+            self.inflight.set(self._push_inflight())
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one response and its duration (label children cached: labels() is slow)."""
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            label = method if method in METHODS else "OTHER"
+            children = (
+                self.requests.labels(label, route, str(status)),
+                self.duration.labels(route),
+            )
+            if len(self._children) < 10_000:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def route(self, path: str, status: int) -> str:
         """A bounded route label for a proxied path: id-like segments become `{id}`.

@@ -21,7 +21,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.app import create_app
-from gateway.edge import AccessLogger, access_logger
 from gateway.keys import lifecycle_key
 from gateway.metrics import Metrics, create_admin_app
 from gateway.settings import GatewaySettings
@@ -41,12 +40,6 @@ class _DeadlineHandler(RequestHandler):
         super().connection_made(transport)
         self._header_deadline = self._loop.call_later(self._header_timeout, self._too_slow)
 
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._header_deadline is not None and self._request_count:
-            self._header_deadline.cancel()
-            self._header_deadline = None
-
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_deadline is not None:
             self._header_deadline.cancel()
@@ -54,6 +47,8 @@ class _DeadlineHandler(RequestHandler):
         super().connection_lost(exc)
 
     def _too_slow(self) -> None:
+        # Left to fire rather than cancelled on the first request: an override of
+        # data_received would cost a call per chunk received, this costs one per connection.
         self._header_deadline = None
         if not self._request_count:
             logger.debug("closing a connection that sent no complete request headers in time")
@@ -98,12 +93,10 @@ class MalformedRequestLog(logging.Filter):
 async def start_runner(
     app: web.Application, settings: GatewaySettings, *, public: bool
 ) -> web.AppRunner:
-    access = public and settings.gateway_access_log
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
-        access_log=access_logger if access else None,
-        access_log_class=AccessLogger,
+        access_log=None,  # gateway.accesslog writes it, from the edge middleware
         keepalive_timeout=settings.gateway_keepalive_timeout,
         shutdown_timeout=0.5,  # draining happened before; what is left is cut
     )

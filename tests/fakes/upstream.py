@@ -84,12 +84,13 @@ async def wait_then_answer(request: web.Request) -> web.Response:
 
 async def stall_body(request: web.Request) -> web.StreamResponse:
     """Sends part of a body, then goes silent until released (idle-read timeout tests)."""
+    size = int(request.query.get("size", 1 << 20))
     response = web.StreamResponse()
-    response.content_length = 100
+    response.content_length = size
     await response.prepare(request)
     await response.write(b"x" * 10)
     await request.app[state_key].release.wait()
-    await response.write(b"x" * 90)
+    await response.write(b"x" * (size - 10))
     return response
 
 
@@ -98,7 +99,7 @@ async def reset_mid_body(request: web.Request) -> web.StreamResponse:
     chunked = request.query.get("chunked") == "1"
     response = web.StreamResponse()
     if not chunked:
-        response.content_length = 1000
+        response.content_length = int(request.query.get("size", 1 << 20))
     await response.prepare(request)
     await response.write(b"y" * 100)
     await asyncio.sleep(0.05)

@@ -14,6 +14,7 @@ import jwt
 import pytest
 from yarl import URL
 
+from gateway.keys import access_log_key
 from gateway.metrics import metrics_key
 from tests.conftest import wait_until
 from tests.gateway.conftest import FakeUpstream, GatewayFactory
@@ -222,6 +223,17 @@ async def test_upstream_failing_mid_body_aborts_the_client(
         await resp.read()
 
 
+async def test_small_body_failing_midway_is_still_a_clean_error(
+    upstream: FakeUpstream, make_gateway: GatewayFactory
+) -> None:
+    """Bodies up to 64 KiB with a Content-Length are read whole first: a failure is a status."""
+    client = await make_gateway(upstream.url, gateway_upstream_read_timeout=0.3)
+    resp = await client.get("/reset-mid-body", params={"size": "1000"})
+    assert resp.status == 502
+    resp = await client.get("/stall-body", params={"size": "1000"})
+    assert resp.status == 504
+
+
 async def test_oversized_bodies_are_413_before_reaching_the_upstream(
     upstream: FakeUpstream, make_gateway: GatewayFactory
 ) -> None:
@@ -339,3 +351,26 @@ async def test_metrics_count_by_route_template(
         'gateway_http_requests_total{method="GET",route="/healthz",status="200"} 1.0' in exposition
     )
     assert "gateway_inflight_requests 0.0" in exposition
+
+
+async def test_access_log_line_per_response(
+    upstream: FakeUpstream, make_gateway: GatewayFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = await make_gateway(upstream.url, gateway_log_format="json")
+    resp = await client.get("/echo/x?token=secret-in-query", headers={"X-User-Id": "alice"})
+    await resp.read()
+    resp = await client.get("/echo", headers={"X-User-Id": "bad id"})
+    client.server.app[access_log_key].flush()
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
+    access = [line for line in lines if line.get("logger") == "gateway.access"]
+    assert [(a["method"], a["path"], a["status"], a["identity"]) for a in access] == [
+        ("GET", "/echo/x", 200, "header"),
+        ("GET", "/echo", 400, "-"),
+    ]
+    first = access[0]
+    assert (
+        len(first["request_id"]) == 32 and access[1]["request_id"] == resp.headers["X-Request-Id"]
+    )
+    assert first["bytes"] > 0 and first["duration_ms"] > 0
+    text = "\n".join(json.dumps(a) for a in access)
+    assert "alice" not in text and "secret-in-query" not in text
