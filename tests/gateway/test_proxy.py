@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -374,3 +375,19 @@ async def test_access_log_line_per_response(
     assert first["bytes"] > 0 and first["duration_ms"] > 0
     text = "\n".join(json.dumps(a) for a in access)
     assert "alice" not in text and "secret-in-query" not in text
+
+
+async def test_slow_upload_is_not_a_first_byte_timeout(
+    upstream: FakeUpstream, make_gateway: GatewayFactory
+) -> None:
+    """The first-byte clock starts once the request body is sent, not when it starts."""
+    client = await make_gateway(upstream.url, gateway_upstream_first_byte_timeout=0.3)
+
+    async def trickle() -> Any:
+        for _ in range(8):
+            await asyncio.sleep(0.1)  # pacing the upload, not waiting for anything
+            yield b"p" * 100
+
+    resp = await client.post("/echo", data=trickle(), headers={"Content-Length": "800"})
+    assert resp.status == 200
+    assert (await resp.json())["body_bytes"] == 800
