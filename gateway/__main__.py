@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import uvloop
@@ -14,38 +13,26 @@ from pixelcraft import logs
 from pixelcraft.boot import (
     EX_UNAVAILABLE,
     DependencyUnavailable,
-    effective_settings,
+    check_config,
+    command_line,
     fail,
     load_settings,
 )
 
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m gateway",
-        description=(
-            "PixelCraft gateway: the edge every external request passes through. Configured by "
-            "environment variables (and .env); see README.md. Exits 78 on invalid "
-            "configuration, 69 when Redis stays unreachable. SIGTERM drains in-flight requests "
-            "and exits 0; SIGHUP reloads what is reloadable."
-        ),
-    )
-    parser.add_argument(
-        "--check-config",
-        action="store_true",
-        help="validate the configuration, print the effective settings (secrets masked), exit",
-    )
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+DESCRIPTION = (
+    "PixelCraft gateway: the edge every external request passes through. Configured by "
+    "environment variables (and .env); see README.md. Exits 78 on invalid configuration, 69 "
+    "when Redis stays unreachable. SIGTERM drains in-flight requests and exits 0; SIGHUP "
+    "reloads what is reloadable."
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    # --worker (internal): one of GATEWAY_WORKERS processes started by the supervisor.
+    args = command_line("python -m gateway", DESCRIPTION, argv, hidden=("--worker",))
     settings = load_settings(GatewaySettings, "gateway")
     if args.check_config:
-        print("\n".join(effective_settings(settings)))
-        print("configuration OK")
-        return
+        check_config(settings)
     logs.configure(settings.gateway_log_level, settings.gateway_log_format)
     try:
         if settings.gateway_workers > 1 and not args.worker:

@@ -9,10 +9,10 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from gateway.errors import RedisUnreachable
 from gateway.keys import redis_key, settings_key
+from pixelcraft.boot import boot_retrying
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +41,9 @@ def connect(url: str) -> Redis:
 
 async def wait_for_redis(client: Redis, where: str, budget: float) -> None:
     """PING with exponential backoff for up to `budget` seconds, else RedisUnreachable."""
-    retrying = AsyncRetrying(
-        retry=retry_if_exception_type((RedisError, OSError)),
-        wait=wait_exponential(multiplier=0.2, max=3),
-        stop=stop_after_delay(budget),
-        reraise=True,
-    )
     try:
-        async for attempt in retrying:
+        async for attempt in boot_retrying(f"Redis at {where}", budget, (RedisError, OSError)):
             with attempt:
-                n = attempt.retry_state.attempt_number
-                if n > 1:
-                    logger.warning("Redis at %s not reachable yet (attempt %d)", where, n)
                 await client.ping()
     except (RedisError, OSError) as exc:
         raise RedisUnreachable(f"Redis at {where} unreachable (REDIS_URL): {exc}") from exc

@@ -7,17 +7,28 @@ are the sysexits.h ones the contract promises to scripts and process supervisors
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, SecretStr, ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
 
 MASK = "********"
+
+logger = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -129,3 +140,44 @@ def effective_settings(settings: BaseModel) -> list[str]:
 
 class DependencyUnavailable(Exception):
     """A dependency (Redis, PostgreSQL) stayed unreachable through the boot retries: exit 69."""
+
+
+def boot_retrying(
+    what: str, budget: float, retry_on: tuple[type[BaseException], ...]
+) -> AsyncRetrying:
+    """Retries for a dependency at boot: exponential backoff (0.2 s doubling, at most 3 s
+    apart) for `budget` seconds, each failed attempt logged naming `what`; the last error is
+    re-raised for the caller to turn into DependencyUnavailable."""
+
+    def log_attempt(state: RetryCallState) -> None:
+        logger.warning("%s not reachable yet (attempt %d)", what, state.attempt_number)
+
+    return AsyncRetrying(
+        retry=retry_if_exception_type(retry_on),
+        wait=wait_exponential(multiplier=0.2, max=3),
+        stop=stop_after_delay(budget),
+        before_sleep=log_attempt,
+        reraise=True,
+    )
+
+
+def command_line(
+    prog: str, description: str, argv: list[str] | None, *, hidden: tuple[str, ...] = ()
+) -> argparse.Namespace:
+    """Arguments shared by both services: --check-config, plus internal flags not in --help."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print the effective settings (secrets masked), exit",
+    )
+    for flag in hidden:
+        parser.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def check_config(settings: BaseModel) -> NoReturn:
+    """--check-config: the effective settings, secrets masked, then exit 0."""
+    print("\n".join(effective_settings(settings)))
+    print("configuration OK")
+    sys.exit(0)

@@ -17,9 +17,8 @@ from urllib.parse import urlsplit
 
 import asyncpg
 from aiohttp import web
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from pixelcraft.boot import DependencyUnavailable
+from pixelcraft.boot import DependencyUnavailable, boot_retrying
 from upstream.errors import DatabaseUnavailable
 from upstream.keys import pool_key, settings_key
 from upstream.migrations import migrate
@@ -69,19 +68,13 @@ async def acquire(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[asyncpg.C
 
 async def create_pool(settings: UpstreamSettings) -> asyncpg.Pool:
     """Connect (retrying with backoff for the boot budget), migrate, and return the pool."""
-    retrying = AsyncRetrying(
-        retry=retry_if_exception_type(UNAVAILABLE),
-        wait=wait_exponential(multiplier=0.2, max=3),
-        stop=stop_after_delay(settings.upstream_startup_retry_seconds),
-        reraise=True,
-    )
     where = describe(settings.database_url)
+    retrying = boot_retrying(
+        f"PostgreSQL at {where}", settings.upstream_startup_retry_seconds, UNAVAILABLE
+    )
     try:
         async for attempt in retrying:
             with attempt:
-                n = attempt.retry_state.attempt_number
-                if n > 1:
-                    logger.warning("PostgreSQL at %s not reachable yet (attempt %d)", where, n)
                 conn = await asyncpg.connect(
                     settings.database_url,
                     timeout=CONNECT_TIMEOUT,

@@ -70,7 +70,7 @@ async def test_boot_waits_for_a_database_that_comes_up_late(
     url = own_postgres.create_database(f"late_{uuid.uuid4().hex[:8]}")
     own_postgres.stop()
     settings = upstream_settings(database_url=url, upstream_startup_retry_seconds=30)
-    with caplog.at_level(logging.WARNING, logger="upstream.db"):
+    with caplog.at_level(logging.WARNING, logger="pixelcraft.boot"):
         starting = asyncio.ensure_future(aiohttp_client(create_app(settings)))
         await wait_until(lambda: "not reachable yet (attempt 2)" in caplog.text, within=10)
     assert not starting.done()
