@@ -80,12 +80,12 @@ def client_response_headers(
     return out
 
 
-def append_forwarded_for(existing: list[str], peer: str, peer_trusted: bool) -> str:
-    """X-Forwarded-For for the upstream: the chain so far plus the peer.
+def append_forwarded_for(existing: list[str], peer: str) -> str:
+    """X-Forwarded-For from a trusted proxy, with that proxy appended.
 
-    The incoming chain is kept only when the peer is a trusted proxy; from anyone else it is
-    unverifiable and replaced, so the upstream never sees a client's invented hops.
+    From anyone else the incoming chain is unverifiable and the upstream gets only the peer, so
+    it never sees a client's invented hops.
     """
-    if peer_trusted and existing:
+    if existing:
         return f"{', '.join(v.strip() for v in existing)}, {peer}"
     return peer

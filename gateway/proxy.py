@@ -106,9 +106,9 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Forward one request and stream the answer back."""
-        client = client_of(
-            request.remote or "unknown", request.headers.getall("X-Forwarded-For", ()), self.trusted
-        )
+        peer = request.remote or "unknown"
+        forwarded = request.headers.getall("X-Forwarded-For", ()) if self.trusted else ()
+        client = client_of(peer, forwarded, self.trusted)
         if self.verifier is None:
             identity = resolve_plain(request, client.address)
         else:
@@ -116,26 +116,25 @@ class Proxy:
         exchange = request[EXCHANGE]
         exchange.identity = identity
         exchange.route_path = request.path
-        headers = self.forward_headers(request, exchange.request_id, client, identity)
+        headers = self.forward_headers(request, exchange.request_id, peer, client, identity)
         url = URL(self.base + request.raw_path, encoded=True)  # the client's bytes, as sent
         if is_websocket(request):
             return await relay_websocket(request, self.session, url, headers, self.metrics)
         return await self.forward(request, exchange, url, headers)
 
     def forward_headers(
-        self, request: web.Request, request_id: str, client: Client, identity: Identity
+        self, request: web.Request, request_id: str, peer: str, client: Client, identity: Identity
     ) -> CIMultiDict[str]:
         incoming = request.headers
-        peer = request.remote or "unknown"
         proto, host = request.scheme, request.host
+        forwarded_for = peer
         if client.peer_trusted:  # a trusted proxy in front says what the client used
             proto = incoming.get("X-Forwarded-Proto", proto)
             host = incoming.get("X-Forwarded-Host", host)
+            forwarded_for = hdrs.append_forwarded_for(incoming.getall("X-Forwarded-For", []), peer)
         return hdrs.upstream_request_headers(
             incoming,
-            forwarded_for=hdrs.append_forwarded_for(
-                incoming.getall("X-Forwarded-For", []), peer, client.peer_trusted
-            ),
+            forwarded_for=forwarded_for,
             proto=proto,
             host=host,
             request_id=request_id,
@@ -179,22 +178,25 @@ class Proxy:
                 allow_redirects=False,
                 compress=None,
             ) as upstream:
-                headers = hdrs.client_response_headers(
+                reply_headers = hdrs.client_response_headers(
                     upstream.headers, request_id=exchange.request_id
                 )
                 length = upstream.content_length
                 if length is not None and length <= SMALL_BODY and request.method != "HEAD":
                     if not upstream.content.is_eof():  # usually it came with the headers
                         self._idle(upstream)
-                    body = await upstream.read()
-                    headers.popall("Content-Length", None)
-                    exchange.body_bytes = len(body)
+                    payload = await upstream.read()
+                    reply_headers.popall("Content-Length", None)
+                    exchange.body_bytes = len(payload)
                     return web.Response(
-                        body=body, status=upstream.status, reason=upstream.reason, headers=headers
+                        body=payload,
+                        status=upstream.status,
+                        reason=upstream.reason,
+                        headers=reply_headers,
                     )
                 self._idle(upstream)
                 response = web.StreamResponse(
-                    status=upstream.status, reason=upstream.reason, headers=headers
+                    status=upstream.status, reason=upstream.reason, headers=reply_headers
                 )
                 await response.prepare(request)
                 content = upstream.content
