@@ -6,11 +6,13 @@ import sys
 
 import uvloop
 
+from gateway.policies import Policies, Policy, PolicyError, load_policies
 from gateway.server import serve
 from gateway.settings import GatewaySettings
 from gateway.supervisor import supervise
 from pixelcraft import logs
 from pixelcraft.boot import (
+    EX_CONFIG,
     EX_UNAVAILABLE,
     DependencyUnavailable,
     check_config,
@@ -22,22 +24,56 @@ from pixelcraft.boot import (
 DESCRIPTION = (
     "PixelCraft gateway: the edge every external request passes through. Configured by "
     "environment variables (and .env); see README.md. Exits 78 on invalid configuration, 69 "
-    "when Redis stays unreachable. SIGTERM drains in-flight requests and exits 0; SIGHUP "
-    "reloads what is reloadable."
+    "when Redis stays unreachable. Rate-limit policies come from GATEWAY_RATELIMIT_CONFIG "
+    "(config/ratelimits.toml). SIGTERM drains in-flight requests and exits 0; SIGHUP reloads the "
+    "policies."
 )
+
+
+def policy_lines(policies: Policies | None) -> list[str]:
+    """What --check-config prints about the rate-limit policies."""
+    if policies is None:
+        return ["rate limiting: off"]
+    lines = ["rate-limit policies (first matching rule, else default; ip applies to all):"]
+    for rule in policies.rules:
+        methods = ",".join(sorted(rule.methods)) if rule.methods else "*"
+        lines.append(f"  {describe(rule.policy)} for {methods} {rule.prefix}")
+    lines.append(f"  {describe(policies.default)}")
+    if policies.ip is not None:
+        lines.append(f"  {describe(policies.ip)} per client address")
+    return lines
+
+
+def describe(policy: Policy) -> str:
+    return (
+        f"{policy.name}: {policy.rate_text}, burst {policy.burst}, cost {policy.cost}, "
+        f"failure_mode {policy.failure_mode}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     # --worker (internal): one of GATEWAY_WORKERS processes started by the supervisor.
     args = command_line("python -m gateway", DESCRIPTION, argv, hidden=("--worker",))
     settings = load_settings(GatewaySettings, "gateway")
+    policies = None
+    if settings.gateway_ratelimit_enabled:
+        try:
+            policies = load_policies(
+                settings.gateway_ratelimit_config, settings.gateway_ratelimit_failure_mode
+            )
+        except PolicyError as exc:
+            fail(
+                EX_CONFIG,
+                f"gateway: invalid rate-limit policies in {exc.source} (GATEWAY_RATELIMIT_CONFIG):",
+                exc.problems,
+            )
     if args.check_config:
-        check_config(settings)
+        check_config(settings, policy_lines(policies))
     logs.configure(settings.gateway_log_level, settings.gateway_log_format)
     try:
         if settings.gateway_workers > 1 and not args.worker:
             sys.exit(uvloop.run(supervise(settings)))
-        uvloop.run(serve(settings, reuse_port=args.worker, admin=not args.worker))
+        uvloop.run(serve(settings, policies, reuse_port=args.worker, admin=not args.worker))
     except DependencyUnavailable as exc:
         fail(EX_UNAVAILABLE, f"gateway: {exc}")
     except OSError as exc:

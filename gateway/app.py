@@ -13,11 +13,21 @@ from redis.exceptions import RedisError
 
 from gateway.accesslog import AccessLog
 from gateway.edge import make_edge
-from gateway.keys import access_log_key, lifecycle_key, proxy_key, redis_key, settings_key
-from gateway.lifecycle import Lifecycle
+from gateway.keys import (
+    access_log_key,
+    lifecycle_key,
+    limiter_key,
+    policies_key,
+    proxy_key,
+    redis_key,
+    settings_key,
+)
+from gateway.lifecycle import Lifecycle, ReloadFailed
 from gateway.metrics import Metrics, metrics_key, multiprocess_dir
+from gateway.policies import Policies, PolicyError, load_policies
 from gateway.proxy import Proxy
-from gateway.redis import redis_ctx
+from gateway.ratelimit import Limiter
+from gateway.redis import describe, redis_ctx
 from gateway.settings import GatewaySettings
 from gateway.tokens import JWKSUnavailable, TokenVerifier
 from pixelcraft.boot import DependencyUnavailable
@@ -94,6 +104,54 @@ async def tokens_ctx(app: web.Application) -> AsyncIterator[None]:
     await verifier.close()
 
 
+async def limiter_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The rate limiter on the shared Redis client; its policies reload on SIGHUP."""
+    settings = app[settings_key]
+    metrics = app[metrics_key]
+    limiter = Limiter(
+        app[redis_key],
+        app[policies_key],
+        metrics,
+        prefix=settings.gateway_redis_key_prefix,
+        timeout=settings.gateway_ratelimit_timeout_ms / 1000,
+        divisor=settings.gateway_ratelimit_replicas * settings.gateway_workers,
+    )
+    try:
+        await limiter.start()
+    except (RedisError, OSError) as exc:
+        raise DependencyUnavailable(
+            f"Redis at {describe(settings)} refuses the rate-limit script: {exc}"
+        ) from exc
+
+    async def reload() -> None:
+        try:
+            policies = load_policies(
+                settings.gateway_ratelimit_config, settings.gateway_ratelimit_failure_mode
+            )
+        except PolicyError as exc:
+            metrics.ratelimit_policy_reloads.labels("error").inc()
+            raise ReloadFailed(str(exc)) from exc
+        limiter.use(policies)
+        metrics.ratelimit_policy_reloads.labels("ok").inc()
+        logger.info("rate-limit policies: %s", summary(policies))
+
+    app[limiter_key] = limiter
+    app[lifecycle_key].reloaders.append(("rate-limit policies", reload))
+    app[proxy_key].limiter = limiter
+    logger.info("rate-limit policies: %s", summary(limiter.policies))
+    yield
+    app[proxy_key].limiter = None
+    await limiter.close()
+
+
+def summary(policies: Policies) -> str:
+    """One log line: every policy's name, rate, burst and cost."""
+    return ", ".join(
+        f"{p.name}={p.rate_text} burst {p.burst}" + (f" cost {p.cost}" if p.cost != 1 else "")
+        for p in policies.all()
+    )
+
+
 async def inflight_ctx(app: web.Application) -> AsyncIterator[None]:
     """Worker processes push their in-flight count each second (see Metrics.track_inflight)."""
     metrics = app[metrics_key]
@@ -117,8 +175,11 @@ async def access_log_ctx(app: web.Application) -> AsyncIterator[None]:
     access_log.close()
 
 
-def create_app(settings: GatewaySettings, metrics: Metrics | None = None) -> web.Application:
-    """The public app; `metrics` is shared with the admin app that serves it."""
+def create_app(
+    settings: GatewaySettings, metrics: Metrics | None = None, policies: Policies | None = None
+) -> web.Application:
+    """The public app; `metrics` is shared with the admin app that serves it. `policies`
+    default to GATEWAY_RATELIMIT_CONFIG's (PolicyError if that file is unusable)."""
     metrics = metrics if metrics is not None else Metrics()
     lifecycle = Lifecycle()
     metrics.track_inflight(lambda: lifecycle.inflight)
@@ -137,6 +198,15 @@ def create_app(settings: GatewaySettings, metrics: Metrics | None = None) -> web
         app.cleanup_ctx.append(inflight_ctx)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(proxy_ctx)
+    if settings.gateway_ratelimit_enabled:
+        if policies is None:
+            policies = load_policies(
+                settings.gateway_ratelimit_config, settings.gateway_ratelimit_failure_mode
+            )
+        app[policies_key] = policies
+        app.cleanup_ctx.append(limiter_ctx)
+    else:
+        logger.warning("rate limiting is off (GATEWAY_RATELIMIT_ENABLED=false)")
     if settings.jwt_enabled:
         app.cleanup_ctx.append(tokens_ctx)
     app.router.add_get("/healthz", edge(healthz, "/healthz"))

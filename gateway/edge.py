@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.accesslog import AccessLog
-from gateway.errors import BadHeader, GatewayError, Unauthorized
+from gateway.errors import GatewayError, Unauthorized
 from gateway.exchange import EXCHANGE, Exchange
 from gateway.headers import SERVER
 from gateway.lifecycle import Lifecycle
@@ -29,10 +29,18 @@ PROBLEM_JSON = "application/problem+json"
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request"
 
 
-def problem(status: int, title: str, detail: str, request_id: str, **extra: Any) -> web.Response:
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    request_id: str,
+    members: dict[str, Any] | None = None,
+    type_: str = "about:blank",
+) -> web.Response:
     """An RFC 9457 problem response."""
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    body.update(extra)
+    body: dict[str, Any] = {"type": type_, "title": title, "status": status, "detail": detail}
+    if members:
+        body.update(members)
     body["request_id"] = request_id
     response = web.Response(
         body=json.dumps(body).encode(), status=status, content_type=PROBLEM_JSON
@@ -42,10 +50,8 @@ def problem(status: int, title: str, detail: str, request_id: str, **extra: Any)
 
 
 def error_response(exc: GatewayError, request_id: str) -> web.Response:
-    extra: dict[str, Any] = {}
-    if isinstance(exc, BadHeader):
-        extra["header"] = exc.header
-    response = problem(exc.status, exc.title, exc.detail, request_id, **extra)
+    response = problem(exc.status, exc.title, exc.detail, request_id, exc.members, exc.type)
+    response.headers.update(exc.headers)
     if isinstance(exc, Unauthorized):
         # RFC 6750 §3: the challenge says what is wrong, never echoing the token.
         response.headers["WWW-Authenticate"] = (
@@ -91,6 +97,8 @@ def make_edge(
                     response = await handler(request)
                 except GatewayError as exc:
                     response = error_response(exc, rid)
+                    if exchange.limit_headers is not None:
+                        response.headers.update(exchange.limit_headers)
                 except web.HTTPException as exc:
                     response = problem(exc.status, exc.reason, exc.text or exc.reason, rid)
                 except asyncio.CancelledError:

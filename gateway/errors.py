@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pixelcraft.boot import DependencyUnavailable
 
 
 class GatewayError(Exception):
-    """Base of the errors the gateway answers with a problem body."""
+    """Base of the errors the gateway answers with a problem body (RFC 9457): `type`,
+    `title`, `status`, `detail`, plus the `members` and `headers` a subclass adds."""
 
     status = 500
     title = "Internal Server Error"
+    type = "about:blank"
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.members: dict[str, Any] = {}
+        self.headers: dict[str, str] = {}
 
 
 class BadHeader(GatewayError):
@@ -25,6 +31,7 @@ class BadHeader(GatewayError):
     def __init__(self, header: str, detail: str) -> None:
         super().__init__(f"{header}: {detail}")
         self.header = header
+        self.members["header"] = header
 
 
 class Unauthorized(GatewayError):
@@ -53,6 +60,32 @@ class UpstreamTimeout(GatewayError):
 
     status = 504
     title = "Gateway Timeout"
+
+
+class RateLimited(GatewayError):
+    """A rate-limit policy has no tokens left for this request."""
+
+    status = 429
+    title = "Too Many Requests"
+    # draft-ietf-httpapi-ratelimit-headers-10 §6.1
+    type = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+
+    def __init__(self, detail: str, violated: list[str], retry_after: int) -> None:
+        super().__init__(detail)
+        self.members["violated-policies"] = violated
+        self.members["retry_after"] = retry_after
+        self.headers["Retry-After"] = str(retry_after)
+
+
+class LimiterUnavailable(GatewayError):
+    """Redis is unavailable and a policy that applies says failure_mode = "closed"."""
+
+    status = 503
+    title = "Service Unavailable"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.headers["Retry-After"] = str(retry_after)
 
 
 class RedisUnreachable(DependencyUnavailable):

@@ -14,7 +14,7 @@ from gateway.identity import Identity
 class Exchange:
     """Per-request facts for metrics and the access log."""
 
-    __slots__ = ("aborted", "body_bytes", "identity", "request_id", "route_path")
+    __slots__ = ("aborted", "body_bytes", "identity", "limit_headers", "request_id", "route_path")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -22,6 +22,7 @@ class Exchange:
         self.route_path: str | None = None  # set when proxied: the route label comes from it
         self.body_bytes: int | None = None
         self.aborted: str | None = None
+        self.limit_headers: dict[str, str] | None = None  # RateLimit*, for every response
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)

@@ -7,7 +7,11 @@ too, since this proxy does not forward trailers.
 
 from __future__ import annotations
 
+import math
+
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.ratelimit import Decision
 
 HOP_BY_HOP = (
     "Connection",
@@ -89,3 +93,28 @@ def append_forwarded_for(existing: list[str], peer: str) -> str:
     if existing:
         return f"{', '.join(v.strip() for v in existing)}, {peer}"
     return peer
+
+
+def limit_headers(decision: Decision) -> dict[str, str]:
+    """The rate-limit fields of draft-ietf-httpapi-ratelimit-headers-10 plus the legacy trio.
+
+    `RateLimit-Policy` lists every policy that applied, `RateLimit` their state: `r` the whole
+    tokens left, `t` the seconds until at least one token is there (0 when r >= 1). The
+    X-RateLimit-* fields describe the tightest policy alone; their Reset is the seconds until
+    its bucket is full again. A policy counted nowhere (failure_mode open while Redis is down)
+    is listed in the policy field only.
+    """
+    verdicts = decision.verdicts
+    out = {"RateLimit-Policy": ", ".join(v.policy.member for v in verdicts)}
+    known = [v for v in verdicts if v.known]
+    if known:
+        out["RateLimit"] = ", ".join(
+            f'"{v.policy.name}";r={max(0, v.remaining)};t={math.ceil(v.next_token - 1e-6)}'
+            for v in known
+        )
+        tight = decision.tightest()
+        assert tight is not None
+        out["X-RateLimit-Limit"] = str(tight.policy.burst)
+        out["X-RateLimit-Remaining"] = str(max(0, tight.remaining))
+        out["X-RateLimit-Reset"] = str(math.ceil(tight.reset - 1e-6))
+    return out

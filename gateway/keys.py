@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from gateway.accesslog import AccessLog
 from gateway.lifecycle import Lifecycle
+from gateway.policies import Policies
 from gateway.proxy import Proxy
+from gateway.ratelimit import Limiter
 from gateway.settings import GatewaySettings
 
 settings_key = web.AppKey("settings", GatewaySettings)
-redis_key = web.AppKey("redis", Redis)
+redis_key: web.AppKey[Redis | RedisCluster] = web.AppKey("redis")
 proxy_key = web.AppKey("proxy", Proxy)
 lifecycle_key = web.AppKey("lifecycle", Lifecycle)
 access_log_key = web.AppKey("access_log", AccessLog)
+policies_key = web.AppKey("policies", Policies)  # as loaded at boot; the limiter holds the live set
+limiter_key = web.AppKey("limiter", Limiter)

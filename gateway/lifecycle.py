@@ -11,6 +11,10 @@ logger = logging.getLogger(__name__)
 Reloader = Callable[[], Awaitable[None]]
 
 
+class ReloadFailed(Exception):
+    """A reloader could not apply the new configuration and kept the current one."""
+
+
 class Lifecycle:
     """Counts requests in flight; knows whether the process is draining; runs reloaders."""
 
@@ -47,6 +51,8 @@ class Lifecycle:
         for name, reloader in self.reloaders:
             try:
                 await reloader()
+            except ReloadFailed as exc:
+                logger.error("SIGHUP: %s not reloaded, keeping the current one: %s", name, exc)
             except Exception:
                 logger.exception("SIGHUP: reloading %s failed; keeping the current one", name)
             else:

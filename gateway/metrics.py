@@ -29,6 +29,9 @@ DURATION_BUCKETS = (
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
 
+REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                 0.5, 1.0)  # fmt: skip
+
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 MAX_ROUTES = 200  # distinct route labels before new ones become "other"
 _ID_SEGMENT = re.compile(
@@ -71,6 +74,45 @@ class Metrics:
             "Requests being handled now, streams included.",
             registry=r,
             multiprocess_mode="livesum",
+        )
+        self.ratelimit_decisions = Counter(
+            "gateway_ratelimit_decisions_total",
+            "Rate-limit decisions by policy: allowed and limited (Redis), fallback_allowed and "
+            "fallback_limited (local buckets while Redis is unavailable), open_allowed and "
+            "closed_rejected (failure_mode open / closed while Redis is unavailable).",
+            ["policy", "decision"],
+            registry=r,
+        )
+        self.ratelimit_backend_errors = Counter(
+            "gateway_ratelimit_backend_errors_total",
+            "Redis round trips of the limiter that failed (down, timed out, refused the script).",
+            registry=r,
+        )
+        self.ratelimit_fallback = Gauge(
+            "gateway_ratelimit_fallback_active",
+            "1 while Redis is unavailable to the limiter and policies follow their failure_mode.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.ratelimit_redis_duration = Histogram(
+            "gateway_ratelimit_redis_duration_seconds",
+            "Latency of the limiter's Redis round trips (one per batch of concurrent requests; "
+            "the count is the number of round trips).",
+            buckets=REDIS_BUCKETS,
+            registry=r,
+        )
+        self.ratelimit_clock_skew = Gauge(
+            "gateway_ratelimit_redis_clock_skew_seconds",
+            "Redis TIME minus this host's clock, from the latest limiter round trip (buckets use "
+            "Redis time, so skew does not change limits; large values point at NTP trouble).",
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.ratelimit_policy_reloads = Counter(
+            "gateway_ratelimit_policy_reloads_total",
+            "SIGHUP reloads of the rate-limit policy file, by result (ok, error).",
+            ["result"],
+            registry=r,
         )
         self._routes: dict[str, str] = {}
         self._labels: set[str] = set()

@@ -25,6 +25,7 @@ from gateway.errors import BodyTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.exchange import EXCHANGE, Exchange
 from gateway.identity import Client, Identity, client_of, resolve_jwt, resolve_plain
 from gateway.metrics import Metrics
+from gateway.ratelimit import Limiter
 from gateway.settings import GatewaySettings
 from gateway.tokens import TokenVerifier
 from gateway.websocket import is_websocket, relay_websocket
@@ -75,6 +76,7 @@ class Proxy:
         self.trusted = list(settings.gateway_trusted_proxies)
         self.metrics = metrics
         self.verifier: TokenVerifier | None = None
+        self.limiter: Limiter | None = None
         self._session: aiohttp.ClientSession | None = None
 
     def open(self) -> aiohttp.ClientSession:
@@ -116,6 +118,13 @@ class Proxy:
         exchange = request[EXCHANGE]
         exchange.identity = identity
         exchange.route_path = request.path
+        limiter = self.limiter
+        if limiter is not None:
+            decision = await limiter.check(request.method, request.path, identity, client.address)
+            if decision is not None:
+                exchange.limit_headers = hdrs.limit_headers(decision)
+                if not decision.allowed:
+                    raise decision.denial()
         headers = self.forward_headers(request, exchange.request_id, peer, client, identity)
         url = URL(self.base + request.raw_path, encoded=True)  # the client's bytes, as sent
         if is_websocket(request):
@@ -181,6 +190,8 @@ class Proxy:
                 reply_headers = hdrs.client_response_headers(
                     upstream.headers, request_id=exchange.request_id
                 )
+                if exchange.limit_headers is not None:
+                    reply_headers.update(exchange.limit_headers)
                 length = upstream.content_length
                 if length is not None and length <= SMALL_BODY and request.method != "HEAD":
                     if not upstream.content.is_eof():  # usually it came with the headers

@@ -23,6 +23,7 @@ from aiohttp.web_protocol import RequestHandler
 from gateway.app import create_app
 from gateway.keys import lifecycle_key
 from gateway.metrics import Metrics, create_admin_app
+from gateway.policies import Policies
 from gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -108,10 +109,16 @@ async def start_runner(
     return runner
 
 
-async def serve(settings: GatewaySettings, *, reuse_port: bool = False, admin: bool = True) -> None:
+async def serve(
+    settings: GatewaySettings,
+    policies: Policies | None = None,
+    *,
+    reuse_port: bool = False,
+    admin: bool = True,
+) -> None:
     """Run one gateway process until SIGTERM/SIGINT (drained) ; SIGHUP reloads."""
     metrics = Metrics()
-    app = create_app(settings, metrics)
+    app = create_app(settings, metrics, policies)
     lifecycle = app[lifecycle_key]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

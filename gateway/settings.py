@@ -37,7 +37,13 @@ class GatewaySettings(BaseSettings):
     gateway_acme_webroot: Path | None = None
     gateway_ratelimit_config: Path = Path("config/ratelimits.toml")
     gateway_ratelimit_failure_mode: FailureMode = "local"
+    gateway_ratelimit_enabled: bool = True
+    gateway_ratelimit_timeout_ms: Annotated[int, Field(ge=1, le=10_000)] = 50
+    gateway_ratelimit_replicas: Annotated[int, Field(ge=1, le=10_000)] = 1
     gateway_redis_key_prefix: str = Field(default="pixelcraft:", min_length=1, max_length=64)
+    gateway_redis_cluster: bool = False
+    gateway_redis_sentinels: Annotated[list[str], NoDecode] = []
+    gateway_redis_sentinel_service: str = Field(default="mymaster", min_length=1)
     gateway_trusted_proxies: Annotated[list[IPNetwork], NoDecode] = []
     gateway_jwt_secret: SecretStr | None = None
     gateway_jwks_url: str | None = None
@@ -62,6 +68,26 @@ class GatewaySettings(BaseSettings):
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
         return check_url(value, ("redis", "rediss", "unix"))
+
+    @field_validator("gateway_redis_sentinels", mode="before")
+    @classmethod
+    def _split_sentinels(cls, value: object) -> object:
+        items = split_csv(value)
+        if isinstance(items, list):
+            for item in items:
+                host, _, port = item.rpartition(":")
+                if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                    raise ValueError(f"{item!r} is not host:port")
+        return items
+
+    @field_validator("gateway_redis_sentinel_service")
+    @classmethod
+    def _cluster_or_sentinel(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("gateway_redis_cluster") and info.data.get("gateway_redis_sentinels"):
+            raise ValueError(
+                "GATEWAY_REDIS_CLUSTER and GATEWAY_REDIS_SENTINELS are both set: choose one"
+            )
+        return value
 
     @field_validator("gateway_upstream_url")
     @classmethod
@@ -113,6 +139,12 @@ class GatewaySettings(BaseSettings):
         if value is not None and len(value.get_secret_value().encode()) < 32:
             raise ValueError("must be at least 32 bytes long (RFC 7518 §3.2)")
         return value
+
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        """GATEWAY_REDIS_SENTINELS as (host, port) pairs."""
+        pairs = (item.rpartition(":") for item in self.gateway_redis_sentinels)
+        return [(host.strip("[]"), int(port)) for host, _, port in pairs]
 
     @property
     def tls_enabled(self) -> bool:

@@ -176,8 +176,10 @@ def command_line(
     return parser.parse_args(argv)
 
 
-def check_config(settings: BaseModel) -> NoReturn:
-    """--check-config: the effective settings, secrets masked, then exit 0."""
+def check_config(settings: BaseModel, extra: Iterable[str] = ()) -> NoReturn:
+    """--check-config: the effective settings, secrets masked, `extra` lines, then exit 0."""
     print("\n".join(effective_settings(settings)))
+    for line in extra:
+        print(line)
     print("configuration OK")
     sys.exit(0)

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import socket
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,12 +36,19 @@ async def upstream(aiohttp_server: Any) -> FakeUpstream:
 
 
 @pytest.fixture
-def gateway_settings(redis_url: str, key_prefix: str) -> Callable[..., GatewaySettings]:
+def bucket_prefix(key_prefix: str) -> str:
+    """A Redis key prefix of this test's own: buckets (the per-address ceiling above all,
+    every test comes from 127.0.0.1) never carry over from one test to the next."""
+    return f"{key_prefix}{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture
+def gateway_settings(redis_url: str, bucket_prefix: str) -> Callable[..., GatewaySettings]:
     def build(upstream_url: str, **overrides: Any) -> GatewaySettings:
         values: dict[str, Any] = {
             "redis_url": redis_url,
             "gateway_upstream_url": upstream_url,
-            "gateway_redis_key_prefix": key_prefix,
+            "gateway_redis_key_prefix": bucket_prefix,
             "gateway_startup_retry_seconds": 1,
         }
         values.update(overrides)
@@ -91,7 +99,7 @@ class GatewayProcess:
 
 @pytest.fixture
 async def gateway_process(
-    redis_url: str, key_prefix: str
+    redis_url: str, bucket_prefix: str
 ) -> AsyncIterator[Callable[..., Awaitable[GatewayProcess]]]:
     started: list[GatewayProcess] = []
 
@@ -100,7 +108,7 @@ async def gateway_process(
         variables = {
             "REDIS_URL": redis_url,
             "GATEWAY_UPSTREAM_URL": upstream_url,
-            "GATEWAY_REDIS_KEY_PREFIX": key_prefix,
+            "GATEWAY_REDIS_KEY_PREFIX": bucket_prefix,
             "GATEWAY_HOST": "127.0.0.1",
             "GATEWAY_HTTP_PORT": port,
             "GATEWAY_ADMIN_PORT": admin,

@@ -1,0 +1,293 @@
+"""The rate limiter: which policies apply to a request, asked of Redis, with a circuit breaker.
+
+Each proxied request is checked against its policy (the first matching rule, else the default),
+keyed on its identity, and against the `[ip]` ceiling, keyed on its client address; both in one
+round trip. Denied if either bucket is short; a bucket that did take tokens for a denied request
+gets them back, so a user over their limit does not drain the shared address's ceiling and the
+reverse.
+
+When a Redis round trip fails (down, stalled past the deadline, refusing the script) the breaker
+opens: requests stop waiting on Redis at all and each policy follows its `failure_mode` (`local`:
+an in-process bucket at a fraction of the rate; `open`: allow; `closed`: 503), while a background
+task probes Redis with exponential backoff and closes the breaker when it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from gateway.buckets import BucketsUnavailable, LocalBuckets, RedisBuckets, Reply, Take
+from gateway.errors import LimiterUnavailable, RateLimited
+from gateway.identity import Identity
+from gateway.metrics import Metrics
+from gateway.policies import Policies, Policy
+
+logger = logging.getLogger(__name__)
+
+# The breaker's probe: first retry after ~50 ms, then doubling (with jitter) up to 2 s, so a
+# Redis that comes back is noticed within a couple of seconds and a dead one costs ~1 probe/2 s.
+PROBE_WAIT_INITIAL = 0.05
+PROBE_WAIT_MAX = 2.0
+CLOSED_RETRY_AFTER = 2  # seconds a failure_mode=closed 503 asks the client to wait
+
+
+class Verdict(NamedTuple):
+    """One policy's answer for one request. `known` is False under failure_mode open."""
+
+    policy: Policy
+    allowed: bool
+    remaining: int
+    retry_after: float
+    next_token: float
+    reset: float
+    known: bool = True
+
+    @classmethod
+    def of(cls, policy: Policy, reply: Reply) -> Verdict:
+        return cls(policy, *reply)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """All verdicts for one request; `degraded` when made without Redis."""
+
+    verdicts: tuple[Verdict, ...]
+    degraded: bool = False
+
+    @property
+    def allowed(self) -> bool:
+        return all(v.allowed for v in self.verdicts)
+
+    def tightest(self) -> Verdict | None:
+        """The verdict a single-policy header should show: a denying one with the longest
+        wait, else the one with the fewest tokens left."""
+        known = [v for v in self.verdicts if v.known]
+        if not known:
+            return None
+        denied = [v for v in known if not v.allowed]
+        if denied:
+            return max(denied, key=lambda v: v.retry_after)
+        return min(known, key=lambda v: (v.remaining, -v.reset))
+
+    def denial(self) -> RateLimited:
+        """The 429 for a denied request: Retry-After never earlier than any denying verdict's
+        wait (so never earlier than the `t` of the RateLimit header either)."""
+        denied = [v for v in self.verdicts if not v.allowed]
+        retry_after = max(1, math.ceil(max(v.retry_after for v in denied) - 1e-6))
+        tight = max(denied, key=lambda v: v.retry_after).policy
+        noun = "request" if tight.cost == 1 else f"request costing {tight.cost} tokens"
+        detail = (
+            f'rate limit "{tight.name}" exceeded: {tight.burst} tokens, refilled at '
+            f"{tight.rate_text}; this {noun} can be retried in {retry_after} s"
+        )
+        return RateLimited(detail, [v.policy.name for v in denied], retry_after)
+
+
+def _digest(text: str) -> str:
+    """Identities in keys are hashed: fixed length, no key syntax, nothing readable in Redis."""
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def address_key(address: str) -> str:
+    """The `[ip]` ceiling's identity: the address, or its /64 for IPv6 (one subscriber's
+    allocation: rotating through it must not multiply the ceiling)."""
+    if ":" not in address:
+        return address
+    try:
+        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
+    except ValueError:
+        return address
+
+
+class Limiter:
+    """Policies plus buckets plus the breaker. Knows Redis only through RedisBuckets."""
+
+    def __init__(
+        self,
+        client: Any,
+        policies: Policies,
+        metrics: Metrics,
+        *,
+        prefix: str,
+        timeout: float,
+        divisor: int,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.prefix = f"{prefix}rl:"
+        self.buckets = RedisBuckets(
+            client, timeout=timeout, on_round_trip=self._round_trip, on_error=self._failed
+        )
+        self.local = LocalBuckets(divisor) if clock is None else LocalBuckets(divisor, clock)
+        self.healthy = True
+        self.degraded_since: float | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._children: dict[tuple[str, str], Any] = {}
+        self.policies = policies
+        self._args: dict[str, tuple[str, str]] = {}
+        self.use(policies)
+
+    def use(self, policies: Policies) -> None:
+        """Apply a new policy set (boot, SIGHUP): buckets of a kept name keep their state."""
+        self._args = {p.name: (repr(p.interval_us), str(p.burst)) for p in policies.all()}
+        self.policies = policies
+        for policy in policies.all():
+            for decision in ("allowed", "limited"):
+                self._count(policy.name, decision, 0)  # series exist from the start
+
+    async def start(self) -> None:
+        await self.buckets.load()
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        await self.buckets.close()
+
+    def _count(self, policy: str, decision: str, amount: int = 1) -> None:
+        child = self._children.get((policy, decision))
+        if child is None:
+            child = self._children[(policy, decision)] = self.metrics.ratelimit_decisions.labels(
+                policy, decision
+            )
+        child.inc(amount)
+
+    def plan(
+        self, method: str, path: str, identity: Identity, address: str
+    ) -> tuple[list[Policy], list[Take]]:
+        """The policies that apply to a request and its bucket operations: its own policy's,
+        then the ceiling's. Policies that cost nothing are left out."""
+        policies = self.policies
+        applied: list[Policy] = []
+        takes: list[Take] = []
+        policy = policies.match(method, path)
+        if policy.cost:
+            interval, burst = self._args[policy.name]
+            key = f"{self.prefix}{policy.name}:{_digest(f'{identity.kind}:{identity.value}')}"
+            applied.append(policy)
+            takes.append(Take(key, interval, burst, policy.cost))
+        ip = policies.ip
+        if ip is not None and ip.cost:
+            interval, burst = self._args["ip"]
+            applied.append(ip)
+            takes.append(Take(f"{self.prefix}ip:{_digest(address_key(address))}", interval,
+                              burst, ip.cost))  # fmt: skip
+        return applied, takes
+
+    async def check(
+        self, method: str, path: str, identity: Identity, address: str
+    ) -> Decision | None:
+        """The decision for one request (None when no policy costs anything). Raises
+        LimiterUnavailable when Redis is unavailable and a policy fails closed."""
+        policies, takes = self.plan(method, path, identity, address)
+        if not takes:
+            return None
+        if self.healthy:
+            try:
+                replies = await self.buckets.take(takes)
+            except BucketsUnavailable:
+                pass  # _failed() opened the breaker; this request is decided without Redis
+            else:
+                verdicts = tuple(map(Verdict.of, policies, replies))
+                decision = Decision(verdicts)
+                for verdict in verdicts:
+                    self._count(verdict.policy.name, "allowed" if verdict.allowed else "limited")
+                if len(verdicts) > 1 and not decision.allowed:
+                    self._refund(takes, verdicts)
+                return decision
+        return self._degraded(takes, policies)
+
+    def _refund(self, takes: list[Take], verdicts: tuple[Verdict, ...]) -> None:
+        """A denied request keeps no tokens: give back what the other bucket took."""
+        refunds = [
+            t._replace(cost=-t.cost) for t, v in zip(takes, verdicts, strict=True) if v.allowed
+        ]
+        if refunds:
+            future = self.buckets.take(refunds)
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def _degraded(self, takes: list[Take], policies: list[Policy]) -> Decision:
+        verdicts: list[Verdict] = []
+        closed: Policy | None = None
+        for take, policy in zip(takes, policies, strict=True):
+            mode = policy.failure_mode
+            if mode == "closed":
+                closed = policy
+                self._count(policy.name, "closed_rejected")
+            elif mode == "open":
+                verdicts.append(Verdict(policy, True, 0, 0.0, 0.0, 0.0, known=False))
+                self._count(policy.name, "open_allowed")
+            else:
+                reply = self.local.take(take.key, 1 / policy.rate, policy.burst, policy.cost)
+                verdicts.append(Verdict.of(policy, reply))
+                self._count(
+                    policy.name, "fallback_allowed" if reply.allowed else "fallback_limited"
+                )
+        if closed is not None:
+            raise LimiterUnavailable(
+                f'rate limiting is unavailable and policy "{closed.name}" does not serve '
+                "without it (failure_mode closed); retry shortly",
+                CLOSED_RETRY_AFTER,
+            )
+        decision = Decision(tuple(verdicts), degraded=True)
+        if not decision.allowed:
+            for take, verdict in zip(takes, verdicts, strict=True):
+                if verdict.allowed and verdict.known:
+                    self.local.take(take.key, 1 / verdict.policy.rate, verdict.policy.burst,
+                                    -take.cost)  # fmt: skip
+        return decision
+
+    # --- the breaker ---------------------------------------------------------------------
+
+    def _round_trip(self, seconds: float, skew: float) -> None:
+        self.metrics.ratelimit_redis_duration.observe(seconds)
+        self.metrics.ratelimit_clock_skew.set(skew)
+
+    def _failed(self, exc: BucketsUnavailable) -> None:
+        self.metrics.ratelimit_backend_errors.inc()
+        if not self.healthy:
+            return
+        self.healthy = False
+        loop = asyncio.get_running_loop()
+        self.degraded_since = loop.time()
+        self.metrics.ratelimit_fallback.set(1)
+        logger.warning(
+            "rate limiter: Redis unavailable (%s); policies follow their failure_mode until it "
+            "answers again",
+            exc,
+        )
+        self._probe = loop.create_task(self._recover())
+
+    async def _recover(self) -> None:
+        """Probe Redis with backoff until the script runs again, then close the breaker."""
+        retrying = AsyncRetrying(
+            wait=wait_exponential_jitter(initial=PROBE_WAIT_INITIAL, max=PROBE_WAIT_MAX),
+            retry=retry_if_exception_type(BucketsUnavailable),
+        )
+        probe = Take(f"{self.prefix}probe", "1000000", "1", 0)
+        async for attempt in retrying:
+            with attempt:
+                try:
+                    await self.buckets.execute([probe])
+                except BucketsUnavailable:
+                    self.metrics.ratelimit_backend_errors.inc()
+                    raise
+        self.healthy = True
+        self.metrics.ratelimit_fallback.set(0)
+        since = self.degraded_since or 0.0
+        logger.warning(
+            "rate limiter: Redis answers again after %.1f s; limits are shared again",
+            asyncio.get_running_loop().time() - since,
+        )
+        self._probe = None
