@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from gateway.buckets import BucketsUnavailable, LocalBuckets, RedisBuckets, Reply, Take
 from gateway.errors import LimiterUnavailable, RateLimited
@@ -272,7 +272,8 @@ class Limiter:
     async def _recover(self) -> None:
         """Probe Redis with backoff until the script runs again, then close the breaker."""
         retrying = AsyncRetrying(
-            wait=wait_exponential_jitter(initial=PROBE_WAIT_INITIAL, max=PROBE_WAIT_MAX),
+            wait=wait_exponential(multiplier=PROBE_WAIT_INITIAL, max=PROBE_WAIT_MAX)
+            + wait_random(0, PROBE_WAIT_INITIAL),
             retry=retry_if_exception_type(BucketsUnavailable),
         )
         probe = Take(f"{self.prefix}probe", "1000000", "1", 0)

@@ -101,7 +101,11 @@ async def start_runner(
         keepalive_timeout=settings.gateway_keepalive_timeout,
         shutdown_timeout=0.5,  # draining happened before; what is left is cut
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        await app.cleanup()  # the contexts that did start close what they opened
+        raise
     if public and runner.server is not None:
         # aiohttp builds a plain Server; give it the header deadline (see _DeadlineHandler).
         runner.server.__class__ = _DeadlineServer

@@ -83,6 +83,30 @@ def test_check_config_prints_effective_settings_masked() -> None:
         GATEWAY_UPSTREAM_URL="http://127.0.0.1:8000",
     )
     assert done.returncode == 0 and "GATEWAY_HTTP_PORT=8080" in done.stdout.splitlines()
+    # the shipped policy file, summarised
+    assert "  chat: 20/minute, burst 5, cost 1, failure_mode closed for POST /v1/chat" in (
+        done.stdout.splitlines()
+    )
+
+
+def test_bad_policy_file_exits_78_naming_every_bad_key(tmp_path: Any) -> None:
+    path = tmp_path / "ratelimits.toml"
+    path.write_text('[default]\nrate = "lots"\n[[rules]]\nname = "chat"\nrate = "1/minute"\n')
+    for args in ((), ("--check-config",)):
+        done = run(
+            "gateway",
+            *args,
+            REDIS_URL="redis://127.0.0.1:6379",
+            GATEWAY_UPSTREAM_URL="http://127.0.0.1:8000",
+            GATEWAY_HTTP_PORT=str(dead_port()),
+            GATEWAY_RATELIMIT_CONFIG=str(path),
+        )
+        assert done.returncode == 78, done.stderr
+        assert done.stderr.splitlines() == [
+            f"gateway: invalid rate-limit policies in {path} (GATEWAY_RATELIMIT_CONFIG):",
+            '  default.rate: must be "N/second", "N/minute", "N/hour" or "N/day" with N > 0',
+            '  rules[0].path_prefix: missing or not starting with "/"',
+        ]
 
 
 def test_help_describes_the_service() -> None:
