@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -48,21 +48,21 @@ class Policy:
     cost: int
     failure_mode: FailureMode
 
+    window: int = field(init=False)
+    member: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        # w: seconds for an empty bucket to fill, the draft's window for a quota of `burst`.
+        window = max(1, math.ceil(self.burst / self.rate - 1e-9))
+        object.__setattr__(self, "window", window)
+        # This policy as a RateLimit-Policy list member (draft-ietf-httpapi-ratelimit-headers-10
+        # §3), rendered once: quota `q` = burst, window `w`.
+        object.__setattr__(self, "member", f'"{self.name}";q={self.burst};w={window}')
+
     @property
     def interval_us(self) -> float:
         """Microseconds per token."""
         return 1e6 / self.rate
-
-    @property
-    def window(self) -> int:
-        """Seconds for an empty bucket to fill: the draft's `w` for a quota of `burst`."""
-        return max(1, math.ceil(self.burst / self.rate - 1e-9))
-
-    @property
-    def member(self) -> str:
-        """This policy as a RateLimit-Policy list member (draft-ietf-httpapi-ratelimit-headers-10
-        §3): quota `q` = burst, window `w` = the time to refill it."""
-        return f'"{self.name}";q={self.burst};w={self.window}'
 
 
 @dataclass(frozen=True, slots=True)

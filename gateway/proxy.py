@@ -128,7 +128,9 @@ class Proxy:
         headers = self.forward_headers(request, exchange.request_id, peer, client, identity)
         url = URL(self.base + request.raw_path, encoded=True)  # the client's bytes, as sent
         if is_websocket(request):
-            return await relay_websocket(request, self.session, url, headers, self.metrics)
+            return await relay_websocket(
+                request, self.session, url, headers, self.metrics, exchange.limit_headers
+            )
         return await self.forward(request, exchange, url, headers)
 
     def forward_headers(

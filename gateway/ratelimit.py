@@ -93,6 +93,19 @@ class Decision:
         return RateLimited(detail, [v.policy.name for v in denied], retry_after)
 
 
+def refunded(verdicts: tuple[Verdict, ...], takes: list[Take]) -> tuple[Verdict, ...]:
+    """The verdicts as they stand once a denied request's tokens are back where they were
+    taken: the headers then show what the client really has left."""
+    out = []
+    for verdict, take in zip(verdicts, takes, strict=True):
+        if verdict.allowed and verdict.known:
+            back = take.cost / verdict.policy.rate
+            verdict = verdict._replace(remaining=verdict.remaining + take.cost, next_token=0.0,
+                                       reset=max(0.0, verdict.reset - back))  # fmt: skip
+        out.append(verdict)
+    return tuple(out)
+
+
 def _digest(text: str) -> str:
     """Identities in keys are hashed: fixed length, no key syntax, nothing readable in Redis."""
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
@@ -205,6 +218,7 @@ class Limiter:
                     self._count(verdict.policy.name, "allowed" if verdict.allowed else "limited")
                 if len(verdicts) > 1 and not decision.allowed:
                     self._refund(takes, verdicts)
+                    decision = Decision(refunded(verdicts, takes))
                 return decision
         return self._degraded(takes, policies)
 
@@ -244,8 +258,9 @@ class Limiter:
         if not decision.allowed:
             for take, verdict in zip(takes, verdicts, strict=True):
                 if verdict.allowed and verdict.known:
-                    self.local.take(take.key, 1 / verdict.policy.rate, verdict.policy.burst,
-                                    -take.cost)  # fmt: skip
+                    policy = verdict.policy
+                    self.local.take(take.key, 1 / policy.rate, policy.burst, -take.cost)
+            decision = Decision(refunded(decision.verdicts, takes), degraded=True)
         return decision
 
     # --- the breaker ---------------------------------------------------------------------

@@ -65,6 +65,16 @@ def connect(settings: GatewaySettings) -> Redis | RedisCluster:
     return client
 
 
+async def close(client: Redis | RedisCluster) -> None:
+    """Close the client, and with Sentinel the connections to the sentinels too."""
+    manager = getattr(client.connection_pool, "sentinel_manager", None) if isinstance(
+        client, Redis) else None  # fmt: skip
+    await client.aclose()
+    if manager is not None:
+        for sentinel in manager.sentinels:
+            await sentinel.aclose()
+
+
 async def wait_for_redis(client: Redis | RedisCluster, where: str, budget: float) -> None:
     """PING with exponential backoff for up to `budget` seconds, else RedisUnreachable."""
     try:
@@ -83,9 +93,9 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         await wait_for_redis(client, where, settings.gateway_startup_retry_seconds)
     except RedisUnreachable:
-        await client.aclose()
+        await close(client)
         raise
     app[redis_key] = client
     logger.info("Redis ready at %s", where)
     yield
-    await client.aclose()
+    await close(client)

@@ -56,6 +56,7 @@ async def relay_websocket(
     url: URL,
     headers: CIMultiDict[str],
     metrics: Metrics,
+    extra_headers: dict[str, str] | None = None,
 ) -> web.WebSocketResponse:
     for name in HANDSHAKE:
         headers.popall(name, None)
@@ -77,6 +78,8 @@ async def relay_websocket(
         raise UpstreamUnavailable("could not open a WebSocket to the upstream") from exc
     async with upstream:
         client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
+        if extra_headers:
+            client.headers.update(extra_headers)  # the rate-limit fields, on the 101 too
         await client.prepare(request)
         tasks = [
             asyncio.ensure_future(_pump(client, upstream)),

@@ -245,6 +245,8 @@ async def test_inventing_user_ids_from_one_address_meets_the_ceiling(
     denied = await responses[-1].json()
     assert denied["violated-policies"] == ["ip"]
     assert responses[-1].headers["X-RateLimit-Limit"] == "4"  # names the tighter one
+    # the user's own bucket shows its tokens back: the denial cost it nothing
+    assert parse_list(responses[-1].headers["RateLimit"])["default"]["r"] == 5
     # the users denied by the ceiling were refunded: only the four admitted ones hold tokens
     await wait_until(lambda: _count_keys(redis, f"{bucket_prefix}rl:default:*", 4), within=5)
 
