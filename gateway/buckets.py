@@ -1,15 +1,18 @@
 """Token buckets: in Redis (the real, shared ones) and in process (the fallback). No HTTP here.
 
 RedisBuckets runs `lua/token_bucket.lua` by EVALSHA (loaded once; NOSCRIPT, after a Redis
-restart or on a new Cluster node, loads it again and retries). The checks of every request that
-arrives in the same event-loop turn go out as one pipeline: one round trip for all of them,
-which is what keeps the limiter's cost per request small under load. Every round trip has a
-deadline; a failure of any kind is one BucketsUnavailable for the whole batch.
+restart or on a new Cluster node, loads it again and retries). One script call per request
+takes from all of its buckets at once, all or nothing. Calls are coalesced: a single flusher
+task sends whatever requests queued while the previous round trip was out, as one pipelined
+write on a connection of its own, and reads the replies in order. Under load that is one round
+trip for many requests, which is what keeps the limiter's cost per request small. Every round
+trip has a deadline; a failure of any kind is one BucketsUnavailable for the whole batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -42,32 +45,39 @@ class Take(NamedTuple):
 
 
 class Reply(NamedTuple):
-    """The script's answer, times in seconds."""
+    """The script's answer for one bucket, times in seconds."""
 
-    allowed: bool
+    allowed: bool  # this bucket had the tokens (the request may still be denied by another)
     remaining: int
     retry_after: float  # until `cost` tokens are there (0 when allowed)
     next_token: float  # until at least one token is there
     reset: float  # until the bucket is full
 
 
-def _reply(raw: Sequence[int]) -> Reply:
-    return Reply(bool(raw[0]), raw[1], raw[2] / 1e6, raw[3] / 1e6, raw[4] / 1e6)
-
-
 Batch = list[tuple[Sequence[Take], "asyncio.Future[list[Reply]]"]]
+
+
+def _replies(flat: Sequence[int], count: int) -> list[Reply]:
+    """The script's flat integers, five per bucket, as Replies."""
+    return [
+        Reply(flat[i] == 1, flat[i + 1], flat[i + 2] / 1e6, flat[i + 3] / 1e6, flat[i + 4] / 1e6)
+        for i in range(0, 5 * count, 5)
+    ]
 
 
 class RedisBuckets:
     """Coalesces bucket operations into pipelined EVALSHA round trips with a deadline.
 
-    `on_round_trip(seconds, skew)` is told each successful round trip's latency and Redis's
-    clock minus ours; `on_error(exc)` each failed one.
+    `atomic`: a request's buckets are taken all or nothing (one script call with all its
+    keys); False on Redis Cluster, where each key is its own call and a denied request's
+    tokens must be given back by the caller. `on_round_trip(seconds, skew)` is told each
+    successful round trip's latency and Redis's clock minus ours; `on_error(exc)` each failed
+    one.
     """
 
     def __init__(
         self,
-        client: Any,  # redis.asyncio.Redis or RedisCluster: both pipeline and EVALSHA
+        client: Any,  # redis.asyncio.Redis or RedisCluster
         *,
         timeout: float,
         on_round_trip: Callable[[float, float], None],
@@ -77,134 +87,166 @@ class RedisBuckets:
         self.timeout = timeout
         self.source = script_source()
         self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
-        self._cluster = isinstance(client, RedisCluster)
-        self._head = b"*7\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n1\r\n" % self.sha.encode()
-        self._tails: dict[tuple[str, str, int], bytes] = {}
+        self.atomic = not isinstance(client, RedisCluster)
+        self._sha = self.sha.encode()
         self._on_round_trip = on_round_trip
         self._on_error = on_error
         self._pending: Batch = []
-        self._scheduled = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._wakeup = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._conn: Any = None  # the flusher's connection, kept (not on Cluster)
+        self._conn_timeout: float | None = None
+        self._args: dict[tuple[str, str, int], bytes] = {}
+
+    async def start(self) -> None:
+        """Register the script (every primary, on a Cluster) and start the flusher; RedisError
+        if Redis refuses the script."""
+        await self.load()
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def load(self) -> None:
-        """Register the script (every primary, on a Cluster); RedisError if Redis refuses it."""
         await self.client.script_load(self.source)
 
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        for _, future in self._pending:
+            if not future.done():
+                future.set_exception(BucketsUnavailable("the gateway is stopping"))
+        self._pending = []
+        await self._drop_connection()
+
     def take(self, takes: Sequence[Take]) -> asyncio.Future[list[Reply]]:
-        """Queue `takes` for the next round trip; the future gets one Reply each, in order."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Reply]] = loop.create_future()
+        """Queue one request's bucket operations; the future gets one Reply per Take."""
+        future: asyncio.Future[list[Reply]] = asyncio.get_running_loop().create_future()
         self._pending.append((takes, future))
-        if not self._scheduled:
-            # call_soon runs after the handlers already made ready in this loop turn, so
-            # every request that arrived together joins the same pipeline.
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        self._wakeup.set()
         return future
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        batch, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._run(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, self._pending = self._pending, []
+            if batch:
+                await self._run(batch)
 
     async def _run(self, batch: Batch) -> None:
-        takes = [take for takes, _ in batch for take in takes]
+        if self.atomic:
+            calls: list[Sequence[Take]] = [takes for takes, _ in batch]
+        else:
+            calls = [(take,) for takes, _ in batch for take in takes]
         try:
-            raw = await self.execute(takes)
+            raw = await self.execute(calls)
         except BucketsUnavailable as exc:
             self._on_error(exc)
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        start = 0
-        for takes_, future in batch:
-            end = start + len(takes_)
+        replies = iter(raw)
+        for takes, future in batch:
+            if self.atomic:
+                result = _replies(next(replies), len(takes))
+            else:
+                result = [_replies(next(replies), 1)[0] for _ in takes]
             if not future.done():  # its request may have been cancelled meanwhile
-                future.set_result([_reply(r) for r in raw[start:end]])
-            start = end
+                future.set_result(result)
 
-    async def execute(self, takes: Sequence[Take]) -> list[Sequence[int]]:
+    async def execute(self, calls: Sequence[Sequence[Take]]) -> list[Sequence[int]]:
         """One pipelined round trip (two if the script must be loaded first), with the
         deadline; the raw script replies in order."""
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
-                replies = await self._pipeline(takes)
+                replies = await self._send(calls)
                 missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
                 if missing:
                     await self.load()
-                    again = await self._pipeline([takes[i] for i in missing])
+                    again = await self._send([calls[i] for i in missing])
                     for i, reply in zip(missing, again, strict=True):
                         replies[i] = reply
         except TimeoutError:
+            await self._drop_connection()  # replies may be on their way: never read them
             raise BucketsUnavailable(f"no answer within {self.timeout * 1000:g} ms") from None
         except (RedisError, OSError) as exc:
+            await self._drop_connection()
             raise BucketsUnavailable(f"{type(exc).__name__}: {exc}") from exc
         for reply in replies:
             if isinstance(reply, Exception):  # the script refused or failed: not a verdict
                 raise BucketsUnavailable(f"script error: {reply}") from reply
         elapsed = time.perf_counter() - started
-        seconds, micros = replies[0][5], replies[0][6]
+        seconds, micros = replies[-1][-2], replies[-1][-1]
         # Redis's clock at the middle of the round trip, against ours.
         self._on_round_trip(elapsed, seconds + micros / 1e6 - (time.time() - elapsed / 2))
         return replies
 
-    async def _pipeline(self, takes: Sequence[Take]) -> list[Any]:
-        if self._cluster:
-            return await self._cluster_pipeline(takes)
-        # One connection from redis-py's pool (it did the connecting: TLS, unix socket, AUTH,
-        # Sentinel discovery), the batch written in one send, the replies read in order.
-        # redis-py's own pipeline packs each argument through its encoder and wraps every
-        # reply in a timeout: most of the limiter's CPU, for nothing the deadline does not
-        # already cover.
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command(
-                b"".join([self._packed(take) for take in takes]), check_health=False
-            )
-            replies: list[Any] = []
-            for _ in takes:
-                try:
-                    # inf: no per-reply timer; execute()'s deadline bounds the whole batch,
-                    # and on cancellation redis-py drops the connection (replies pending).
-                    replies.append(await conn.read_response(timeout=math.inf))
-                except ResponseError as exc:  # this reply only; the stream stays in step
-                    replies.append(exc)
-            return replies
-        finally:
-            await pool.release(conn)
+    async def _send(self, calls: Sequence[Sequence[Take]]) -> list[Any]:
+        if not self.atomic:
+            return await self._cluster_pipeline(calls)
+        conn = self._conn
+        if conn is None:
+            # A pool connection the flusher keeps (redis-py made it: TLS, unix socket, AUTH,
+            # Sentinel's current primary), without its socket timeout while kept: the deadline
+            # above bounds the round trip, and asyncio.wait_for per write would cost a task.
+            conn = await self.client.connection_pool.get_connection()
+            self._conn, self._conn_timeout = conn, conn.socket_timeout
+            conn.socket_timeout = None
+        # redis-py's pipeline packs each argument through its encoder and wraps every reply
+        # in a timeout: most of the limiter's CPU, for nothing the deadline does not cover.
+        await conn.send_packed_command(
+            b"".join([self._packed(call) for call in calls]), check_health=False
+        )
+        replies: list[Any] = []
+        for _ in calls:
+            try:
+                # inf: no timer per reply; on cancellation redis-py drops the connection.
+                replies.append(await conn.read_response(timeout=math.inf))
+            except ResponseError as exc:  # this reply only; the stream stays in step
+                replies.append(exc)
+        return replies
 
-    def _packed(self, take: Take) -> bytes:
-        """EVALSHA <sha> 1 <key> <interval> <burst> <cost> in RESP, the constant parts cached."""
-        tail = self._tails.get((take.interval_us, take.burst, take.cost))
-        if tail is None:
-            args = (take.interval_us, take.burst, str(take.cost))
-            tail = "".join(f"${len(a)}\r\n{a}\r\n" for a in args).encode()
-            if len(self._tails) < 1024:
-                self._tails[(take.interval_us, take.burst, take.cost)] = tail
-        key = take.key.encode()
-        return b"%s$%d\r\n%s\r\n%s" % (self._head, len(key), key, tail)
+    def _packed(self, call: Sequence[Take]) -> bytes:
+        """EVALSHA <sha> <n> <keys> <interval burst cost>... in RESP, argument parts cached."""
+        parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n%d\r\n"
+                 % (3 + 4 * len(call), self._sha, len(call))]  # fmt: skip
+        for take in call:
+            key = take.key.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(key), key))
+        for take in call:
+            args = self._args.get((take.interval_us, take.burst, take.cost))
+            if args is None:
+                values = (take.interval_us, take.burst, str(take.cost))
+                args = "".join(f"${len(v)}\r\n{v}\r\n" for v in values).encode()
+                if len(self._args) < 1024:
+                    self._args[(take.interval_us, take.burst, take.cost)] = args
+            parts.append(args)
+        return b"".join(parts)
 
-    async def _cluster_pipeline(self, takes: Sequence[Take]) -> list[Any]:
-        """redis-py's Cluster pipeline: it routes each key to its node."""
+    async def _cluster_pipeline(self, calls: Sequence[Sequence[Take]]) -> list[Any]:
+        """redis-py's Cluster pipeline: it routes each one-key call to its node."""
         pipe = self.client.pipeline(transaction=False)
-        sha = self.sha
-        for take in takes:
+        for call in calls:
             # execute_command: the Cluster pipeline blocks its evalsha() helper, the raw
             # command is routed by its key like any other.
-            pipe.execute_command("EVALSHA", sha, 1, take.key, take.interval_us, take.burst,
-                                 take.cost)  # fmt: skip
+            keys = [take.key for take in call]
+            args = [a for take in call for a in (take.interval_us, take.burst, take.cost)]
+            pipe.execute_command("EVALSHA", self.sha, len(call), *keys, *args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 
-    async def close(self) -> None:
-        """Wait for round trips in flight (each is bounded by the deadline)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def _drop_connection(self) -> None:
+        """Give the flusher's connection back, closed: after a failure its replies cannot be
+        trusted to be in step (redis-py usually closed it already)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.socket_timeout = self._conn_timeout
+            with contextlib.suppress(RedisError, OSError):
+                await conn.disconnect(nowait=True)
+            await self.client.connection_pool.release(conn)
 
 
 class LocalBuckets:

@@ -11,7 +11,7 @@ import math
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.ratelimit import Decision
+from gateway.ratelimit import Decision, Verdict
 
 HOP_BY_HOP = (
     "Connection",
@@ -105,16 +105,32 @@ def limit_headers(decision: Decision) -> dict[str, str]:
     is listed in the policy field only.
     """
     verdicts = decision.verdicts
-    out = {"RateLimit-Policy": ", ".join(v.policy.member for v in verdicts)}
-    known = [v for v in verdicts if v.known]
-    if known:
-        out["RateLimit"] = ", ".join(
-            f'"{v.policy.name}";r={max(0, v.remaining)};t={math.ceil(v.next_token - 1e-6)}'
-            for v in known
-        )
-        tight = decision.tightest()
-        assert tight is not None
+    if len(verdicts) == 1:
+        out = {"RateLimit-Policy": verdicts[0].policy.member}
+    else:
+        out = {"RateLimit-Policy": ", ".join([v.policy.member for v in verdicts])}
+    state = []
+    tight = None
+    for v in verdicts:
+        if not v.known:
+            continue
+        t = math.ceil(v.next_token - 1e-6) if v.next_token > 0 else 0
+        state.append(f"{v.policy.quoted};r={v.remaining if v.remaining > 0 else 0};t={t}")
+        if tight is None or _tighter(v, tight):
+            tight = v
+    if tight is not None:
+        out["RateLimit"] = ", ".join(state)
         out["X-RateLimit-Limit"] = str(tight.policy.burst)
-        out["X-RateLimit-Remaining"] = str(max(0, tight.remaining))
-        out["X-RateLimit-Reset"] = str(math.ceil(tight.reset - 1e-6))
+        out["X-RateLimit-Remaining"] = str(tight.remaining if tight.remaining > 0 else 0)
+        out["X-RateLimit-Reset"] = str(math.ceil(tight.reset - 1e-6) if tight.reset > 0 else 0)
     return out
+
+
+def _tighter(a: Verdict, b: Verdict) -> bool:
+    """Whether `a` is the one to show in X-RateLimit-*: a denying verdict with the longest
+    wait, else the one with the fewest tokens left (then the longest to refill)."""
+    if a.allowed != b.allowed:
+        return not a.allowed
+    if not a.allowed:
+        return a.retry_after > b.retry_after
+    return (a.remaining, -a.reset) < (b.remaining, -b.reset)

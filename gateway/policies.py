@@ -50,6 +50,7 @@ class Policy:
 
     window: int = field(init=False)
     member: str = field(init=False)
+    quoted: str = field(init=False)
 
     def __post_init__(self) -> None:
         # w: seconds for an empty bucket to fill, the draft's window for a quota of `burst`.
@@ -58,6 +59,7 @@ class Policy:
         # This policy as a RateLimit-Policy list member (draft-ietf-httpapi-ratelimit-headers-10
         # §3), rendered once: quota `q` = burst, window `w`.
         object.__setattr__(self, "member", f'"{self.name}";q={self.burst};w={window}')
+        object.__setattr__(self, "quoted", f'"{self.name}"')  # an sf-string: names are safe
 
     @property
     def interval_us(self) -> float:

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
-from gateway.buckets import BucketsUnavailable, LocalBuckets, RedisBuckets, Reply, Take
+from gateway.buckets import BucketsUnavailable, LocalBuckets, RedisBuckets, Take
 from gateway.errors import LimiterUnavailable, RateLimited
 from gateway.identity import Identity
 from gateway.metrics import Metrics
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 # Redis that comes back is noticed within a couple of seconds and a dead one costs ~1 probe/2 s.
 PROBE_WAIT_INITIAL = 0.05
 PROBE_WAIT_MAX = 2.0
+KEY_CACHE = 50_000  # memoized bucket keys (about 200 bytes each)
 CLOSED_RETRY_AFTER = 2  # seconds a failure_mode=closed 503 asks the client to wait
 
 
@@ -52,32 +53,14 @@ class Verdict(NamedTuple):
     reset: float
     known: bool = True
 
-    @classmethod
-    def of(cls, policy: Policy, reply: Reply) -> Verdict:
-        return cls(policy, *reply)
-
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     """All verdicts for one request; `degraded` when made without Redis."""
 
     verdicts: tuple[Verdict, ...]
+    allowed: bool
     degraded: bool = False
-
-    @property
-    def allowed(self) -> bool:
-        return all(v.allowed for v in self.verdicts)
-
-    def tightest(self) -> Verdict | None:
-        """The verdict a single-policy header should show: a denying one with the longest
-        wait, else the one with the fewest tokens left."""
-        known = [v for v in self.verdicts if v.known]
-        if not known:
-            return None
-        denied = [v for v in known if not v.allowed]
-        if denied:
-            return max(denied, key=lambda v: v.retry_after)
-        return min(known, key=lambda v: (v.remaining, -v.reset))
 
     def denial(self) -> RateLimited:
         """The 429 for a denied request: Retry-After never earlier than any denying verdict's
@@ -146,6 +129,7 @@ class Limiter:
         self.degraded_since: float | None = None
         self._probe: asyncio.Task[None] | None = None
         self._children: dict[tuple[str, str], Any] = {}
+        self._keys: dict[tuple[str, str, str], str] = {}
         self.policies = policies
         self._args: dict[str, tuple[str, str]] = {}
         self.use(policies)
@@ -159,7 +143,7 @@ class Limiter:
                 self._count(policy.name, decision, 0)  # series exist from the start
 
     async def start(self) -> None:
-        await self.buckets.load()
+        await self.buckets.start()
 
     async def close(self) -> None:
         if self._probe is not None:
@@ -176,6 +160,20 @@ class Limiter:
             )
         child.inc(amount)
 
+    def _key(self, policy: str, kind: str, value: str) -> str:
+        """The bucket key of (policy, identity), memoized: hashing is most of its cost."""
+        key = self._keys.get((policy, kind, value))
+        if key is None:
+            if kind == "address":
+                digest = _digest(address_key(value))
+            else:
+                digest = _digest(f"{kind}:{value}")
+            key = f"{self.prefix}{policy}:{digest}"
+            if len(self._keys) >= KEY_CACHE:
+                self._keys.clear()  # cheaper than an LRU, and refilled in a few requests
+            self._keys[(policy, kind, value)] = key
+        return key
+
     def plan(
         self, method: str, path: str, identity: Identity, address: str
     ) -> tuple[list[Policy], list[Take]]:
@@ -187,15 +185,14 @@ class Limiter:
         policy = policies.match(method, path)
         if policy.cost:
             interval, burst = self._args[policy.name]
-            key = f"{self.prefix}{policy.name}:{_digest(f'{identity.kind}:{identity.value}')}"
+            key = self._key(policy.name, identity.kind, identity.value)
             applied.append(policy)
             takes.append(Take(key, interval, burst, policy.cost))
         ip = policies.ip
         if ip is not None and ip.cost:
             interval, burst = self._args["ip"]
             applied.append(ip)
-            takes.append(Take(f"{self.prefix}ip:{_digest(address_key(address))}", interval,
-                              burst, ip.cost))  # fmt: skip
+            takes.append(Take(self._key("ip", "address", address), interval, burst, ip.cost))
         return applied, takes
 
     async def check(
@@ -212,14 +209,20 @@ class Limiter:
             except BucketsUnavailable:
                 pass  # _failed() opened the breaker; this request is decided without Redis
             else:
-                verdicts = tuple(map(Verdict.of, policies, replies))
-                decision = Decision(verdicts)
+                verdicts = tuple([Verdict(p, *r) for p, r in zip(policies, replies, strict=True)])
+                allowed = True
                 for verdict in verdicts:
-                    self._count(verdict.policy.name, "allowed" if verdict.allowed else "limited")
-                if len(verdicts) > 1 and not decision.allowed:
-                    self._refund(takes, verdicts)
-                    decision = Decision(refunded(verdicts, takes))
-                return decision
+                    if verdict.allowed:
+                        self._count(verdict.policy.name, "allowed")
+                    else:
+                        allowed = False
+                        self._count(verdict.policy.name, "limited")
+                if allowed or len(verdicts) == 1:
+                    return Decision(verdicts, allowed)
+                if self.buckets.atomic:  # nothing was taken from any bucket
+                    return Decision(verdicts, False)
+                self._refund(takes, verdicts)  # Cluster: the other buckets did pay; pay back
+                return Decision(refunded(verdicts, takes), False)
         return self._degraded(takes, policies)
 
     def _refund(self, takes: list[Take], verdicts: tuple[Verdict, ...]) -> None:
@@ -244,7 +247,7 @@ class Limiter:
                 self._count(policy.name, "open_allowed")
             else:
                 reply = self.local.take(take.key, 1 / policy.rate, policy.burst, policy.cost)
-                verdicts.append(Verdict.of(policy, reply))
+                verdicts.append(Verdict(policy, *reply))
                 self._count(
                     policy.name, "fallback_allowed" if reply.allowed else "fallback_limited"
                 )
@@ -254,13 +257,13 @@ class Limiter:
                 "without it (failure_mode closed); retry shortly",
                 CLOSED_RETRY_AFTER,
             )
-        decision = Decision(tuple(verdicts), degraded=True)
+        decision = Decision(tuple(verdicts), all(v.allowed for v in verdicts), degraded=True)
         if not decision.allowed:
             for take, verdict in zip(takes, verdicts, strict=True):
                 if verdict.allowed and verdict.known:
                     policy = verdict.policy
                     self.local.take(take.key, 1 / policy.rate, policy.burst, -take.cost)
-            decision = Decision(refunded(decision.verdicts, takes), degraded=True)
+            decision = Decision(refunded(decision.verdicts, takes), False, degraded=True)
         return decision
 
     # --- the breaker ---------------------------------------------------------------------
@@ -294,11 +297,7 @@ class Limiter:
         probe = Take(f"{self.prefix}probe", "1000000", "1", 0)
         async for attempt in retrying:
             with attempt:
-                try:
-                    await self.buckets.execute([probe])
-                except BucketsUnavailable:
-                    self.metrics.ratelimit_backend_errors.inc()
-                    raise
+                await self.buckets.take([probe])  # a failure is counted by _failed()
         self.healthy = True
         self.metrics.ratelimit_fallback.set(0)
         since = self.degraded_since or 0.0

@@ -83,7 +83,7 @@ async def test_bucket_admits_burst_then_denies_with_the_wait_and_refunds(
     buckets = RedisBuckets(
         redis, timeout=2.0, on_round_trip=lambda *_: None, on_error=errors.append
     )
-    await buckets.load()
+    await buckets.start()
     key = f"{bucket_prefix}bucket"
     take = Take(key, repr(60e6), "3", 1)  # 1 token a minute, 3 at most
     replies = [(await buckets.take([take]))[0] for _ in range(4)]
@@ -99,6 +99,27 @@ async def test_bucket_admits_burst_then_denies_with_the_wait_and_refunds(
     assert refund.remaining == 3
     assert await redis.exists(key) == 0  # full again: no key at all
     assert errors == []
+    await buckets.close()
+
+
+async def test_a_requests_buckets_are_taken_all_or_nothing(
+    redis: Redis, bucket_prefix: str
+) -> None:
+    buckets = RedisBuckets(
+        redis, timeout=2.0, on_round_trip=lambda *_: None, on_error=lambda _: None
+    )
+    await buckets.start()
+    roomy = Take(f"{bucket_prefix}roomy", repr(60e6), "10", 1)
+    tight = Take(f"{bucket_prefix}tight", repr(60e6), "1", 1)
+    first = await buckets.take([roomy, tight])
+    assert [r.allowed for r in first] == [True, True]
+    assert [r.remaining for r in first] == [9, 0]
+    second = await buckets.take([roomy, tight])
+    assert [r.allowed for r in second] == [True, False]  # roomy had the token...
+    assert second[0].remaining == 9  # ...and still has it: nothing was taken
+    third = await buckets.take([roomy])
+    assert third[0].remaining == 8
+    await buckets.close()
 
 
 async def test_one_round_trip_serves_every_request_of_a_loop_turn(
@@ -108,11 +129,12 @@ async def test_one_round_trip_serves_every_request_of_a_loop_turn(
     buckets = RedisBuckets(
         redis, timeout=2.0, on_round_trip=lambda s, _: trips.append(s), on_error=lambda _: None
     )
-    await buckets.load()
+    await buckets.start()
     takes = [Take(f"{bucket_prefix}b{i}", repr(1e6), "5", 1) for i in range(50)]
     results = await asyncio.gather(*(buckets.take([t]) for t in takes))
     assert all(r[0].allowed for r in results)
     assert len(trips) == 1
+    await buckets.close()
 
 
 async def test_noscript_after_a_script_flush_loads_it_again(
@@ -125,10 +147,11 @@ async def test_noscript_after_a_script_flush_loads_it_again(
         buckets = RedisBuckets(
             client, timeout=2.0, on_round_trip=lambda *_: None, on_error=lambda _: None
         )
-        await buckets.load()
+        await buckets.start()
         await client.script_flush()
         reply = await buckets.take([Take("k", repr(1e6), "2", 1)])
         assert reply[0].allowed and reply[0].remaining == 1
+        await buckets.close()
         await client.aclose()
 
 

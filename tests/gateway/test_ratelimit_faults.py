@@ -146,7 +146,7 @@ async def test_redis_killed_mid_load_then_back_on_its_port(
     assert not degraded(client)
     load = Load(client)
     with load:
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: len(load.statuses) >= 3, within=5)
         own_redis.kill()
         await wait_until(lambda: degraded(client), within=5)
         await assert_failure_modes(client)
