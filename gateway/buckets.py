@@ -32,7 +32,12 @@ def script_source() -> str:
 
 
 class BucketsUnavailable(Exception):
-    """Redis did not run the bucket script in time (down, stalled, refusing, erroring)."""
+    """Redis did not run the bucket script in time (down, stalled, refusing, erroring).
+    `slow` when it only missed the deadline (it may be this process that is late)."""
+
+    def __init__(self, message: str, *, slow: bool = False) -> None:
+        super().__init__(message)
+        self.slow = slow
 
 
 class Take(NamedTuple):
@@ -171,7 +176,9 @@ class RedisBuckets:
                         replies[i] = reply
         except TimeoutError:
             await self._drop_connection()  # replies may be on their way: never read them
-            raise BucketsUnavailable(f"no answer within {self.timeout * 1000:g} ms") from None
+            raise BucketsUnavailable(
+                f"no answer within {self.timeout * 1000:g} ms", slow=True
+            ) from None
         except (RedisError, OSError) as exc:
             await self._drop_connection()
             raise BucketsUnavailable(f"{type(exc).__name__}: {exc}") from exc

@@ -21,7 +21,6 @@ import ipaddress
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
@@ -38,8 +37,9 @@ logger = logging.getLogger(__name__)
 # Redis that comes back is noticed within a couple of seconds and a dead one costs ~1 probe/2 s.
 PROBE_WAIT_INITIAL = 0.05
 PROBE_WAIT_MAX = 2.0
-KEY_CACHE = 50_000  # memoized bucket keys (about 200 bytes each)
+KEY_CACHE = 50_000  # memoized bucket operations (about 300 bytes each)
 CLOSED_RETRY_AFTER = 2  # seconds a failure_mode=closed 503 asks the client to wait
+SLOW_TRIPS = 3  # missed deadlines in a row that open the breaker
 
 
 class Verdict(NamedTuple):
@@ -54,13 +54,17 @@ class Verdict(NamedTuple):
     known: bool = True
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
     """All verdicts for one request; `degraded` when made without Redis."""
 
-    verdicts: tuple[Verdict, ...]
-    allowed: bool
-    degraded: bool = False
+    __slots__ = ("allowed", "degraded", "verdicts")
+
+    def __init__(
+        self, verdicts: tuple[Verdict, ...], allowed: bool, degraded: bool = False
+    ) -> None:
+        self.verdicts = verdicts
+        self.allowed = allowed
+        self.degraded = degraded
 
     def denial(self) -> RateLimited:
         """The 429 for a denied request: Retry-After never earlier than any denying verdict's
@@ -126,10 +130,11 @@ class Limiter:
         )
         self.local = LocalBuckets(divisor) if clock is None else LocalBuckets(divisor, clock)
         self.healthy = True
+        self._slow = 0  # deadlines missed in a row
         self.degraded_since: float | None = None
         self._probe: asyncio.Task[None] | None = None
         self._children: dict[tuple[str, str], Any] = {}
-        self._keys: dict[tuple[str, str, str], str] = {}
+        self._takes: dict[tuple[str, str, str], Take] = {}
         self.policies = policies
         self._args: dict[str, tuple[str, str]] = {}
         self.use(policies)
@@ -137,6 +142,7 @@ class Limiter:
     def use(self, policies: Policies) -> None:
         """Apply a new policy set (boot, SIGHUP): buckets of a kept name keep their state."""
         self._args = {p.name: (repr(p.interval_us), str(p.burst)) for p in policies.all()}
+        self._takes = {}
         self.policies = policies
         for policy in policies.all():
             for decision in ("allowed", "limited"):
@@ -160,19 +166,21 @@ class Limiter:
             )
         child.inc(amount)
 
-    def _key(self, policy: str, kind: str, value: str) -> str:
-        """The bucket key of (policy, identity), memoized: hashing is most of its cost."""
-        key = self._keys.get((policy, kind, value))
-        if key is None:
+    def _take(self, policy: Policy, kind: str, value: str) -> Take:
+        """The bucket operation of (policy, identity), memoized: the key's hash is most of
+        its cost, and the same users come back. Emptied when the policies change."""
+        take = self._takes.get((policy.name, kind, value))
+        if take is None:
             if kind == "address":
                 digest = _digest(address_key(value))
             else:
                 digest = _digest(f"{kind}:{value}")
-            key = f"{self.prefix}{policy}:{digest}"
-            if len(self._keys) >= KEY_CACHE:
-                self._keys.clear()  # cheaper than an LRU, and refilled in a few requests
-            self._keys[(policy, kind, value)] = key
-        return key
+            interval, burst = self._args[policy.name]
+            take = Take(f"{self.prefix}{policy.name}:{digest}", interval, burst, policy.cost)
+            if len(self._takes) >= KEY_CACHE:
+                self._takes.clear()  # cheaper than an LRU, and refilled in a few requests
+            self._takes[(policy.name, kind, value)] = take
+        return take
 
     def plan(
         self, method: str, path: str, identity: Identity, address: str
@@ -180,20 +188,16 @@ class Limiter:
         """The policies that apply to a request and its bucket operations: its own policy's,
         then the ceiling's. Policies that cost nothing are left out."""
         policies = self.policies
-        applied: list[Policy] = []
-        takes: list[Take] = []
         policy = policies.match(method, path)
-        if policy.cost:
-            interval, burst = self._args[policy.name]
-            key = self._key(policy.name, identity.kind, identity.value)
-            applied.append(policy)
-            takes.append(Take(key, interval, burst, policy.cost))
         ip = policies.ip
+        if policy.cost:
+            take = self._take(policy, identity.kind, identity.value)
+            if ip is not None and ip.cost:
+                return [policy, ip], [take, self._take(ip, "address", address)]
+            return [policy], [take]
         if ip is not None and ip.cost:
-            interval, burst = self._args["ip"]
-            applied.append(ip)
-            takes.append(Take(self._key("ip", "address", address), interval, burst, ip.cost))
-        return applied, takes
+            return [ip], [self._take(ip, "address", address)]
+        return [], []
 
     async def check(
         self, method: str, path: str, identity: Identity, address: str
@@ -269,13 +273,21 @@ class Limiter:
     # --- the breaker ---------------------------------------------------------------------
 
     def _round_trip(self, seconds: float, skew: float) -> None:
+        self._slow = 0
         self.metrics.ratelimit_redis_duration.observe(seconds)
         self.metrics.ratelimit_clock_skew.set(skew)
 
     def _failed(self, exc: BucketsUnavailable) -> None:
+        """A round trip failed: its requests are decided without Redis. The breaker opens at
+        once on an error, but only after SLOW_TRIPS deadlines missed in a row: a process whose
+        CPU is saturated can itself be late reading a reply Redis sent in time."""
         self.metrics.ratelimit_backend_errors.inc()
         if not self.healthy:
             return
+        if exc.slow:
+            self._slow += 1
+            if self._slow < SLOW_TRIPS:
+                return
         self.healthy = False
         loop = asyncio.get_running_loop()
         self.degraded_since = loop.time()

@@ -156,4 +156,7 @@ async def gateway_process(
         if gateway.proc.returncode is None:
             gateway.proc.kill()
             await gateway.proc.wait()
-        await gateway.reader
+        try:  # a leftover child holding the pipe must not hang the suite
+            await asyncio.wait_for(gateway.reader, 10)
+        except TimeoutError:
+            gateway.reader.cancel()

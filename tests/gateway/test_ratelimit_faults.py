@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from gateway.app import create_app
 from gateway.metrics import metrics_key
+from gateway.ratelimit import SLOW_TRIPS
 from pixelcraft.boot import DependencyUnavailable
 from pixelcraft.devservices import RedisCluster, RedisSentinel, RedisServer
 from tests.conftest import wait_until
@@ -176,9 +177,12 @@ async def test_redis_stalled_by_client_pause_is_bounded_by_the_deadline(
     admin = Redis.from_url(own_redis.url)
     try:
         await admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")
-        resp, took = await timed_get(client, "/echo", headers=user())
-        assert resp.status == 200
-        assert took < BOUND, took
+        # A missed deadline decides that batch without Redis; a few in a row open the breaker
+        # (one alone could be this process being late, not Redis).
+        for _ in range(SLOW_TRIPS):
+            resp, took = await timed_get(client, "/echo", headers=user())
+            assert resp.status == 200
+            assert took < BOUND, took
         assert degraded(client)
         await assert_failure_modes(client)
         await wait_until(lambda: not degraded(client), within=10)
