@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from importlib.metadata import version
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -15,6 +17,7 @@ from gateway.accesslog import AccessLog
 from gateway.edge import make_edge
 from gateway.keys import (
     access_log_key,
+    api_document_key,
     lifecycle_key,
     limiter_key,
     policies_key,
@@ -24,6 +27,7 @@ from gateway.keys import (
 )
 from gateway.lifecycle import Lifecycle, ReloadFailed
 from gateway.metrics import Metrics, metrics_key, multiprocess_dir
+from gateway.openapi import ApiDocument
 from gateway.policies import Policies, PolicyError, load_policies
 from gateway.proxy import Proxy
 from gateway.ratelimit import Limiter
@@ -31,17 +35,57 @@ from gateway.redis import describe, redis_ctx
 from gateway.settings import GatewaySettings
 from gateway.tokens import JWKSUnavailable, TokenVerifier
 from pixelcraft.boot import DependencyUnavailable
+from pixelcraft.openapi import add_docs, build_spec, documented
 
 logger = logging.getLogger(__name__)
+
+VERSION = version("pixelcraft-gateway")
+DESCRIPTION = (
+    "PixelCraft: an AI chat API. Every call goes through this gateway, which identifies the "
+    "caller (bearer JWT, else `X-User-Id`, else the client address), rate-limits per user and "
+    "per address (each operation's `x-ratelimit` and description say how much; every response "
+    "carries `RateLimit` and `RateLimit-Policy`; a denial is a 429 problem with `Retry-After`), "
+    "and streams the chat service's answers through unbuffered."
+)
 
 READY_TIMEOUT = 2.0
 
 
+STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
+READY = {
+    "type": "object",
+    "properties": {
+        "status": {"type": "string", "enum": ["ready", "unavailable", "draining"]},
+        "redis": {"type": "string", "example": "ok"},
+        "upstream": {"type": "string", "example": "ok"},
+    },
+    "required": ["status"],
+}
+
+
+@documented(
+    tags=["operations"],
+    summary="Liveness of the gateway",
+    description="200 while the gateway process answers. Not rate limited.",
+    responses={
+        "200": {"description": "Alive.", "content": {"application/json": {"schema": STATUS}}}
+    },
+)
 async def healthz(request: web.Request) -> web.Response:
     """Alive: the process answers (dependencies are /readyz's business)."""
     return web.json_response({"status": "ok"})
 
 
+@documented(
+    tags=["operations"],
+    summary="Readiness of the gateway",
+    description="200 when Redis answers PING and the upstream its /healthz; 503 otherwise, and "
+    "while draining after SIGTERM. Not rate limited.",
+    responses={
+        "200": {"description": "Ready.", "content": {"application/json": {"schema": READY}}},
+        "503": {"description": "Not ready.", "content": {"application/json": {"schema": READY}}},
+    },
+)
 async def readyz(request: web.Request) -> web.Response:
     """Ready: not draining, Redis answers PING, the upstream answers its /healthz."""
     app = request.app
@@ -152,6 +196,49 @@ def summary(policies: Policies) -> str:
     )
 
 
+@documented(
+    tags=["operations"],
+    summary="This document",
+    description="The merged OpenAPI 3 document: the gateway's operations and the chat "
+    "service's, each annotated with the rate limits in force (`x-ratelimit`).",
+    responses={"200": {"description": "OpenAPI 3.0.", "content": {"application/json": {}}}},
+)
+async def openapi(request: web.Request) -> web.Response:
+    """GET /openapi.json: served from memory, never waiting on the upstream."""
+    app = request.app
+    limiter = app.get(limiter_key)
+    body = app[api_document_key].render(limiter.policies if limiter is not None else None)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def openapi_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The upstream's document: fetched once at boot (a failure is only a warning), then
+    refreshed in the background."""
+    settings = app[settings_key]
+    proxy = app[proxy_key]
+
+    async def fetch() -> dict[str, Any]:
+        async with asyncio.timeout(READY_TIMEOUT):
+            async with proxy.session.get(f"{proxy.base}/openapi.json") as resp:
+                resp.raise_for_status()
+                document: dict[str, Any] = await resp.json(content_type=None)
+                return document
+
+    document = ApiDocument(
+        build_spec(app, title="PixelCraft API", version=VERSION, description=DESCRIPTION),
+        fetch,
+        jwt=settings.jwt_enabled,
+        public_url=settings.gateway_public_url,
+        max_body=settings.gateway_max_body_bytes,
+        refresh=settings.gateway_openapi_refresh_seconds,
+    )
+    app[api_document_key] = document
+    await document.update()
+    document.start()
+    yield
+    await document.close()
+
+
 async def inflight_ctx(app: web.Application) -> AsyncIterator[None]:
     """Worker processes push their in-flight count each second (see Metrics.track_inflight)."""
     metrics = app[metrics_key]
@@ -211,5 +298,8 @@ def create_app(
         app.cleanup_ctx.append(tokens_ctx)
     app.router.add_get("/healthz", edge(healthz, "/healthz"))
     app.router.add_get("/readyz", edge(readyz, "/readyz"))
+    app.router.add_get("/openapi.json", edge(openapi, "/openapi.json"))
+    add_docs(app, title="PixelCraft API", wrap=edge)
+    app.cleanup_ctx.append(openapi_ctx)
     app.router.add_route("*", "/{tail:.*}", edge(proxy.handle, None))
     return app

@@ -139,6 +139,7 @@ def make_edge(
                     )
                 request_id_var.reset(token)
 
+        edge.__wrapped__ = handler  # type: ignore[attr-defined]  # its OpenAPI operation
         return edge
 
     return wrap

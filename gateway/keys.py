@@ -7,6 +7,7 @@ from redis.asyncio import Redis, RedisCluster
 
 from gateway.accesslog import AccessLog
 from gateway.lifecycle import Lifecycle
+from gateway.openapi import ApiDocument
 from gateway.policies import Policies
 from gateway.proxy import Proxy
 from gateway.ratelimit import Limiter
@@ -19,3 +20,4 @@ lifecycle_key = web.AppKey("lifecycle", Lifecycle)
 access_log_key = web.AppKey("access_log", AccessLog)
 policies_key = web.AppKey("policies", Policies)  # as loaded at boot; the limiter holds the live set
 limiter_key = web.AppKey("limiter", Limiter)
+api_document_key = web.AppKey("api_document", ApiDocument)

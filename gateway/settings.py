@@ -38,7 +38,7 @@ class GatewaySettings(BaseSettings):
     gateway_ratelimit_config: Path = Path("config/ratelimits.toml")
     gateway_ratelimit_failure_mode: FailureMode = "local"
     gateway_ratelimit_enabled: bool = True
-    gateway_ratelimit_timeout_ms: Annotated[int, Field(ge=1, le=10_000)] = 50
+    gateway_ratelimit_timeout_ms: Annotated[int, Field(ge=1, le=10_000)] = 100
     gateway_ratelimit_replicas: Annotated[int, Field(ge=1, le=10_000)] = 1
     gateway_redis_key_prefix: str = Field(default="pixelcraft:", min_length=1, max_length=64)
     gateway_redis_cluster: bool = False
@@ -60,6 +60,8 @@ class GatewaySettings(BaseSettings):
     gateway_header_timeout: Seconds = 10.0
     gateway_keepalive_timeout: Seconds = 75.0
     gateway_access_log: bool = True
+    gateway_public_url: str | None = None
+    gateway_openapi_refresh_seconds: Annotated[float, Field(ge=1)] = 60.0
     gateway_startup_retry_seconds: Annotated[float, Field(ge=0)] = 15.0
     gateway_log_level: LogLevel = "INFO"
     gateway_log_format: LogFormat = "text"
@@ -93,6 +95,11 @@ class GatewaySettings(BaseSettings):
     @classmethod
     def _upstream_scheme(cls, value: str) -> str:
         return check_url(value, ("http", "https")).rstrip("/")
+
+    @field_validator("gateway_public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value, ("https", "http")).rstrip("/")
 
     @field_validator("gateway_jwks_url")
     @classmethod

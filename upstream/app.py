@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from importlib.metadata import version
 from typing import Any
 
 from aiohttp import web
 
+from pixelcraft.openapi import add_docs, build_spec, json_bytes
 from upstream import handlers
 from upstream.db import pool_ctx
 from upstream.keys import provider_key, settings_key, tasks_key
@@ -19,6 +21,13 @@ from upstream.middlewares import error_middleware, request_id_middleware
 from upstream.settings import UpstreamSettings
 
 logger = logging.getLogger(__name__)
+
+VERSION = version("pixelcraft-gateway")
+DESCRIPTION = (
+    "The chat service behind the PixelCraft gateway: conversations stored in PostgreSQL, "
+    "answers streamed from the model as Server-Sent Events. Clients call it through the "
+    "gateway, which sets `X-User-Id`; see the gateway's /docs for rate limits."
+)
 
 # The JSON body of POST /v1/chat: 32,000 characters escaped as \uXXXX fit with room to spare.
 MAX_BODY_BYTES = 256 * 1024
@@ -76,4 +85,14 @@ def create_app(settings: UpstreamSettings, *, provider: Provider | None = None) 
     app.router.add_delete("/v1/conversations/{id}", handlers.delete_conversation)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    document = json_bytes(
+        build_spec(app, title="PixelCraft chat service", version=VERSION, description=DESCRIPTION)
+    )
+
+    async def openapi(request: web.Request) -> web.Response:
+        """GET /openapi.json: this service's OpenAPI 3 document."""
+        return web.Response(body=document, content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi)
+    add_docs(app, title="PixelCraft chat service")
     return app

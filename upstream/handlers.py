@@ -18,7 +18,8 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from upstream import chats, sse
+from pixelcraft.openapi import documented
+from upstream import apidoc, chats, sse
 from upstream.db import acquire
 from upstream.errors import BadRequest, DatabaseUnavailable, LLMError, LLMUnavailable, NotFound
 from upstream.keys import pool_key, provider_key, settings_key, tasks_key
@@ -156,6 +157,7 @@ async def prepend(
         yield piece
 
 
+@documented(**apidoc.CHAT)
 async def chat(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat: store the user's message, then stream (or return) the model's reply."""
     user = user_id(request)
@@ -226,6 +228,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@documented(**apidoc.LIST)
 async def list_conversations(request: web.Request) -> web.Response:
     """GET /v1/conversations: the user's conversations, newest activity first."""
     user = user_id(request)
@@ -243,6 +246,7 @@ async def list_conversations(request: web.Request) -> web.Response:
     )
 
 
+@documented(**apidoc.GET)
 async def get_conversation(request: web.Request) -> web.Response:
     """GET /v1/conversations/{id}: one conversation with its messages."""
     user = user_id(request)
@@ -258,6 +262,7 @@ async def get_conversation(request: web.Request) -> web.Response:
     )
 
 
+@documented(**apidoc.DELETE)
 async def delete_conversation(request: web.Request) -> web.Response:
     """DELETE /v1/conversations/{id}: the conversation and its messages."""
     user = user_id(request)
@@ -269,11 +274,13 @@ async def delete_conversation(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+@documented(**apidoc.HEALTHZ)
 async def healthz(request: web.Request) -> web.Response:
     """Alive: the process answers."""
     return web.json_response({"status": "ok"})
 
 
+@documented(**apidoc.READYZ)
 async def readyz(request: web.Request) -> web.Response:
     """Ready: PostgreSQL answers a query through the pool."""
     app = request.app
