@@ -110,10 +110,17 @@ def access_pids(output: list[str]) -> set[str]:
 
 
 ACCESS_LINE = re.compile(r" (\d+) INFO gateway\.access ")
+LISTENING_LINE = re.compile(r" (\d+) INFO gateway\.server .* listening on http")
+
+
+def listening_pids(output: list[str]) -> set[str]:
+    return {m.group(1) for line in output if (m := LISTENING_LINE.search(line))}
 
 
 async def test_two_workers_metrics_add_up(upstream: FakeUpstream, gateway_process: Start) -> None:
     gateway = await gateway_process(upstream.url, GATEWAY_WORKERS="2")
+    # /healthz answered by one worker says nothing of the other: wait until both listen.
+    await wait_until(lambda: len(listening_pids(gateway.output)) == 2, within=30)
     total = 60
     for _ in range(total):  # a new connection each time: the kernel spreads them over workers
         async with aiohttp.ClientSession() as session:
