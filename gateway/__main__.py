@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gateway.openssl_conf  # noqa: F401  (first: sets OPENSSL_CONF before OpenSSL loads)
+
+# isort: split
 import sys
 
 import uvloop

@@ -114,6 +114,20 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.tls_expiry = Gauge(
+            "gateway_tls_certificate_expiry_timestamp_seconds",
+            "Expiry (Unix time) of the certificate new HTTPS handshakes get; with several "
+            "workers the earliest any of them serves.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.tls_reloads = Counter(
+            "gateway_tls_reloads_total",
+            "Certificate reloads (SIGHUP or a change seen by the poll), by result (ok, error: "
+            "the files could not be served and the current certificate was kept).",
+            ["result"],
+            registry=r,
+        )
         self._routes: dict[str, str] = {}
         self._labels: set[str] = set()
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}

@@ -35,6 +35,9 @@ class GatewaySettings(BaseSettings):
     gateway_tls_cert_file: Path | None = None
     gateway_tls_key_file: Path | None = Field(default=None, validate_default=True)
     gateway_acme_webroot: Path | None = None
+    gateway_tls_poll_seconds: Annotated[float, Field(ge=0)] = 60.0
+    gateway_https_redirect: bool = True
+    gateway_pid_file: Path | None = None
     gateway_ratelimit_config: Path = Path("config/ratelimits.toml")
     gateway_ratelimit_failure_mode: FailureMode = "local"
     gateway_ratelimit_enabled: bool = True
@@ -112,6 +115,15 @@ class GatewaySettings(BaseSettings):
         if value is not None and info.data.get("gateway_jwks_url") is not None:
             raise ValueError("set together with GATEWAY_JWKS_URL: give one key set source")
         return value
+
+    @field_validator("gateway_tls_cert_file")
+    @classmethod
+    def _https_port_free(cls, cert: Path | None, info: ValidationInfo) -> Path | None:
+        # With TLS on, HTTP (ACME and redirects) and HTTPS are two listeners.
+        https = info.data.get("gateway_https_port")
+        if cert is not None and https is not None and https == info.data.get("gateway_http_port"):
+            raise ValueError("needs GATEWAY_HTTPS_PORT to differ from GATEWAY_HTTP_PORT")
+        return cert
 
     @field_validator("gateway_tls_key_file")
     @classmethod

@@ -4,7 +4,10 @@ Each worker is `python -m gateway --worker`, binding the public port with SO_REU
 kernel spreads connections over them. Workers write their metrics into a shared
 PROMETHEUS_MULTIPROC_DIR; the supervisor serves the sum on the admin port, forwards SIGTERM
 (drain) and SIGHUP (reload) to every worker, and replaces a worker that dies. A worker that
-exits 78 or 69 while starting stops the whole gateway with that status.
+exits 78 or 69 while starting stops the whole gateway with that status. The TLS certificate is
+checked here first too (exit 69 naming the file), so a bad one is one error line, not N; each
+worker then loads it for itself and reloads it on the forwarded SIGHUP. The supervisor writes
+GATEWAY_PID_FILE: its pid is the one to signal.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import multiprocess
 
+from gateway import pidfile
 from gateway.metrics import Metrics, create_admin_app
 from gateway.settings import GatewaySettings
-from pixelcraft.boot import EX_CONFIG, EX_UNAVAILABLE
+from gateway.tls import TLSFileError, load_pair
+from pixelcraft.boot import EX_CONFIG, EX_UNAVAILABLE, DependencyUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +50,11 @@ class Supervisor:
             "GATEWAY_WORKER_ID": str(index),
         }
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "--worker", env=env
+            sys.executable,
+            "-m",
+            "gateway",
+            "--worker",
+            env=env,
         )
         self.workers[index] = proc
         logger.info("worker %d started (pid %d)", index, proc.pid)
@@ -90,6 +99,8 @@ class Supervisor:
             ).start()
             for index in range(settings.gateway_workers):
                 await self.spawn(index)
+            if settings.gateway_pid_file is not None:
+                pidfile.write(settings.gateway_pid_file)
             watchers = [
                 asyncio.ensure_future(self.watch(i)) for i in range(settings.gateway_workers)
             ]
@@ -116,12 +127,19 @@ class Supervisor:
                 logger.warning("worker exit statuses: %s", codes)
             return self.exit_code
         finally:
+            if settings.gateway_pid_file is not None:
+                pidfile.remove(settings.gateway_pid_file)
             await runner.cleanup()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
 
 async def supervise(settings: GatewaySettings) -> int:
+    if settings.gateway_tls_cert_file is not None and settings.gateway_tls_key_file is not None:
+        try:
+            load_pair(settings.gateway_tls_cert_file, settings.gateway_tls_key_file)
+        except TLSFileError as exc:
+            raise DependencyUnavailable(f"cannot serve HTTPS: {exc}") from exc
     metrics_dir = tempfile.mkdtemp(prefix="pixelcraft-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # what the admin app's render() reads
     try:

@@ -1081,3 +1081,61 @@ class PgBouncer(_ServerProcess):
             _chown_tree(self.workdir, account)
         self._launch([binary, str(config)], self.workdir / "pgbouncer.out", account)
         self._wait_ready(lambda: tcp_reachable(LOOPBACK, self.port, 0.2), self.logfile)
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+
+def dev_certificate(directory: Path, days: int = 90) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost, 127.0.0.1 and ::1 (`make run`'s HTTPS port):
+    (cert.pem, key.pem) in `directory`, made again when missing or within a week of expiry.
+    It is its own CA, so `curl --cacert cert.pem` trusts it."""
+    import datetime
+    import ipaddress as ip
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    now = datetime.datetime.now(datetime.UTC)
+    if cert_path.exists() and key_path.exists():
+        with contextlib.suppress(ValueError):
+            current = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            if current.not_valid_after_utc - now > datetime.timedelta(days=7):
+                return cert_path, key_path
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost (PixelCraft dev)")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ip.ip_address("127.0.0.1")),
+                    x509.IPAddress(ip.ip_address("::1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key_pem)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path

@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 
@@ -136,3 +137,19 @@ async def test_two_workers_metrics_add_up(upstream: FakeUpstream, gateway_proces
     )
     assert found is not None and float(found.group(1)) == total
     assert await gateway.stop() == 0
+
+
+async def test_workers_of_a_killed_supervisor_drain_and_exit(
+    upstream: FakeUpstream, gateway_process: Start
+) -> None:
+    gateway = await gateway_process(upstream.url, GATEWAY_WORKERS="2", GATEWAY_DRAIN_SECONDS="1")
+    await wait_until(lambda: len(listening_pids(gateway.output)) == 2, within=30)
+    workers = [int(pid) for pid in listening_pids(gateway.output)]
+    gateway.proc.kill()  # SIGKILL: the supervisor cannot forward anything
+    await gateway.proc.wait()
+
+    def gone() -> bool:
+        return not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+    await wait_until(gone, within=15)
+    assert any("supervisor" in line and "is gone" in line for line in gateway.output)
