@@ -159,6 +159,7 @@ async def limiter_ctx(app: web.Application) -> AsyncIterator[None]:
         prefix=settings.gateway_redis_key_prefix,
         timeout=settings.gateway_ratelimit_timeout_ms / 1000,
         divisor=settings.gateway_ratelimit_replicas * settings.gateway_workers,
+        lease_seconds=settings.gateway_ratelimit_lease_seconds,
     )
     try:
         await limiter.start()

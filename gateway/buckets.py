@@ -47,6 +47,7 @@ class Take(NamedTuple):
     interval_us: str  # pre-rendered script arguments: no per-request encoding work
     burst: str
     cost: int
+    force: int = 0  # 1: take even into debt (settling a token budget)
 
 
 class Reply(NamedTuple):
@@ -101,7 +102,7 @@ class RedisBuckets:
         self._flusher: asyncio.Task[None] | None = None
         self._conn: Any = None  # the flusher's connection, kept (not on Cluster)
         self._conn_timeout: float | None = None
-        self._args: dict[tuple[str, str, int], bytes] = {}
+        self._args: dict[tuple[str, str, int, int], bytes] = {}
 
     async def start(self) -> None:
         """Register the script (every primary, on a Cluster) and start the flusher; RedisError
@@ -218,18 +219,21 @@ class RedisBuckets:
 
     def _packed(self, call: Sequence[Take]) -> bytes:
         """EVALSHA <sha> <n> <keys> <interval burst cost>... in RESP, argument parts cached."""
-        parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n%d\r\n"
-                 % (3 + 4 * len(call), self._sha, len(call))]  # fmt: skip
+        parts = [
+            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$%d\r\n%d\r\n"
+            % (3 + 5 * len(call), self._sha, len(str(len(call))), len(call))
+        ]
+
         for take in call:
             key = take.key.encode()
             parts.append(b"$%d\r\n%s\r\n" % (len(key), key))
         for take in call:
-            args = self._args.get((take.interval_us, take.burst, take.cost))
+            args = self._args.get(take[1:])
             if args is None:
-                values = (take.interval_us, take.burst, str(take.cost))
+                values = (take.interval_us, take.burst, str(take.cost), str(take.force))
                 args = "".join(f"${len(v)}\r\n{v}\r\n" for v in values).encode()
-                if len(self._args) < 1024:
-                    self._args[(take.interval_us, take.burst, take.cost)] = args
+                if len(self._args) < 4096:
+                    self._args[take[1:]] = args
             parts.append(args)
         return b"".join(parts)
 
@@ -240,7 +244,7 @@ class RedisBuckets:
             # execute_command: the Cluster pipeline blocks its evalsha() helper, the raw
             # command is routed by its key like any other.
             keys = [take.key for take in call]
-            args = [a for take in call for a in (take.interval_us, take.burst, take.cost)]
+            args = [a for t in call for a in (t.interval_us, t.burst, t.cost, t.force)]
             pipe.execute_command("EVALSHA", self.sha, len(call), *keys, *args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies

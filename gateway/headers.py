@@ -105,11 +105,11 @@ def limit_headers(decision: Decision) -> dict[str, str]:
     is listed in the policy field only.
     """
     verdicts = decision.verdicts
-    if len(verdicts) == 1:
-        out = {"RateLimit-Policy": verdicts[0].policy.member}
-    else:
-        out = {"RateLimit-Policy": ", ".join([v.policy.member for v in verdicts])}
+    members = [v.policy.member for v in verdicts]
     state = []
+    if decision.concurrency is not None:
+        members.append(decision.concurrency[0].concurrent_member)
+    out = {"RateLimit-Policy": members[0] if len(members) == 1 else ", ".join(members)}
     tight = None
     for v in verdicts:
         if not v.known:
@@ -118,8 +118,12 @@ def limit_headers(decision: Decision) -> dict[str, str]:
         state.append(f"{v.policy.quoted};r={v.remaining if v.remaining > 0 else 0};t={t}")
         if tight is None or _tighter(v, tight):
             tight = v
-    if tight is not None:
+    if decision.concurrency is not None:
+        capped, free = decision.concurrency
+        state.append(f'"{capped.concurrent_name}";r={free};t={0 if free else 1}')
+    if state:
         out["RateLimit"] = ", ".join(state)
+    if tight is not None:
         out["X-RateLimit-Limit"] = str(tight.policy.burst)
         out["X-RateLimit-Remaining"] = str(tight.remaining if tight.remaining > 0 else 0)
         out["X-RateLimit-Reset"] = str(math.ceil(tight.reset - 1e-6) if tight.reset > 0 else 0)

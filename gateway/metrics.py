@@ -108,6 +108,26 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
+        self.ratelimit_tokens = Counter(
+            "gateway_ratelimit_tokens_total",
+            "Model tokens of token budgets, by budget and kind: reserved before forwarding, "
+            "debited (usage above the reservation), refunded (below it, or the model never "
+            "answered), unsettled (no usage reported: the reservation stands).",
+            ["policy", "kind"],
+            registry=r,
+        )
+        self.ratelimit_settlement_errors = Counter(
+            "gateway_ratelimit_settlement_errors_total",
+            "Token settlements (debits, refunds) that Redis did not take.",
+            registry=r,
+        )
+        self.ratelimit_streams = Gauge(
+            "gateway_ratelimit_concurrent_leases",
+            "Concurrency leases held (requests in flight under a `concurrent` cap, streams "
+            "included).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.ratelimit_policy_reloads = Counter(
             "gateway_ratelimit_policy_reloads_total",
             "SIGHUP reloads of the rate-limit policy file, by result (ok, error).",

@@ -112,6 +112,7 @@ def policy_object(policy: Policy, key: str) -> dict[str, Any]:
     """One policy as `x-ratelimit` shows it."""
     return {
         "policy": policy.name,
+        "unit": policy.unit or "requests",
         "rate": policy.rate_text,
         "burst": policy.burst,
         "cost": policy.cost,
@@ -121,24 +122,58 @@ def policy_object(policy: Policy, key: str) -> dict[str, Any]:
     }
 
 
+def budget_object(policy: Policy) -> dict[str, Any]:
+    """A policy's token budget as `x-ratelimit` shows it."""
+    budget = policy.tokens
+    assert budget is not None
+    found = policy_object(budget, "user")
+    found["cost"] = (
+        policy.tokens_estimate
+        if policy.tokens_estimate is not None
+        else "reserved: about one token per 4 bytes of body, settled against the reported usage"
+    )
+    return found
+
+
+def concurrency_object(policy: Policy) -> dict[str, Any]:
+    return {
+        "policy": policy.concurrent_name,
+        "unit": "concurrent-requests",
+        "limit": policy.concurrent,
+        "failure_mode": policy.failure_mode,
+        "per": "user",
+    }
+
+
 def ratelimit_of(policies: Policies, method: str, path: str) -> list[dict[str, Any]]:
     """The policies the limiter applies to `method path`, in RateLimit-Policy order."""
     applied = []
     policy = policies.match(method.upper(), path)
     if policy.cost:
         applied.append(policy_object(policy, "user"))
+    if policy.tokens is not None:
+        applied.append(budget_object(policy))
     if policies.ip is not None and policies.ip.cost:
         applied.append(policy_object(policies.ip, "address"))
+    if policy.concurrent is not None:
+        applied.append(concurrency_object(policy))
     return applied
 
 
 def _describe(limits: list[dict[str, Any]]) -> str:
     if not limits:
         return "Not rate limited."
-    return "Rate limits: " + "; ".join(
-        f"`{x['policy']}` {x['rate']}, burst {x['burst']}, {x['cost']} token(s) per call, per "
-        f"{x['per']}" for x in limits
-    ) + "."  # fmt: skip
+    parts = []
+    for x in limits:
+        if x["unit"] == "concurrent-requests":
+            parts.append(f"`{x['policy']}` at most {x['limit']} at once per {x['per']}")
+        elif x["unit"] == "tokens":
+            parts.append(f"`{x['policy']}` {x['rate']} model tokens, burst {x['burst']}, per "
+                         f"{x['per']}")  # fmt: skip
+        else:
+            parts.append(f"`{x['policy']}` {x['rate']}, burst {x['burst']}, {x['cost']} "
+                         f"token(s) per call, per {x['per']}")  # fmt: skip
+    return "Rate limits: " + "; ".join(parts) + "."
 
 
 def _annotate(

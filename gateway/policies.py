@@ -24,7 +24,8 @@ NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 METHOD = re.compile(r"^[A-Z]{1,16}$")
 RESERVED = ("default", "ip")
 
-SECTION_KEYS = {"rate", "burst", "cost", "failure_mode"}
+IP_KEYS = {"rate", "burst", "cost", "failure_mode"}
+SECTION_KEYS = IP_KEYS | {"tokens", "tokens_burst", "tokens_estimate", "concurrent"}
 RULE_KEYS = SECTION_KEYS | {"name", "methods", "path_prefix"}
 
 
@@ -47,6 +48,10 @@ class Policy:
     burst: int
     cost: int
     failure_mode: FailureMode
+    unit: str | None = None  # "tokens" for a token budget (a vendor parameter in the headers)
+    tokens: Policy | None = None  # the token budget that comes with this policy, if any
+    tokens_estimate: int | None = None  # reserved per request; None: from the body's size
+    concurrent: int | None = None  # requests in flight per identity, if capped
 
     window: int = field(init=False)
     member: str = field(init=False)
@@ -58,13 +63,31 @@ class Policy:
         object.__setattr__(self, "window", window)
         # This policy as a RateLimit-Policy list member (draft-ietf-httpapi-ratelimit-headers-10
         # §3), rendered once: quota `q` = burst, window `w`.
-        object.__setattr__(self, "member", f'"{self.name}";q={self.burst};w={window}')
+        unit = f';pixelcraft-unit="{self.unit}"' if self.unit else ""
+        object.__setattr__(self, "member", f'"{self.name}";q={self.burst};w={window}{unit}')
         object.__setattr__(self, "quoted", f'"{self.name}"')  # an sf-string: names are safe
 
     @property
     def interval_us(self) -> float:
         """Microseconds per token."""
         return 1e6 / self.rate
+
+    @property
+    def concurrent_name(self) -> str:
+        return f"{self.name}-concurrent"
+
+    @property
+    def concurrent_member(self) -> str:
+        """The cap as a RateLimit-Policy member (the draft's `qu="concurrent-requests"`)."""
+        return f'"{self.concurrent_name}";q={self.concurrent};qu="concurrent-requests"'
+
+    def estimate(self, body_bytes: int | None) -> int:
+        """Tokens to reserve for a request: the configured estimate, else about one token
+        per 4 bytes of body (at least 1, at most the budget's burst)."""
+        assert self.tokens is not None
+        if self.tokens_estimate is not None:
+            return self.tokens_estimate
+        return max(1, min(self.tokens.burst, -(-(body_bytes or 0) // 4)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +141,10 @@ class Policies:
         return self.default
 
     def all(self) -> list[Policy]:
+        """Every bucket policy, token budgets included."""
         policies = [self.default, *(rule.policy for rule in self.rules)]
-        return policies + ([self.ip] if self.ip is not None else [])
+        budgets = [p.tokens for p in policies if p.tokens is not None]
+        return policies + budgets + ([self.ip] if self.ip is not None else [])
 
 
 class _Reader:
@@ -164,7 +189,36 @@ class _Reader:
         if mode not in FAILURE_MODES:
             self.problem(f"{where}.failure_mode", f"must be one of {', '.join(FAILURE_MODES)}")
             mode = self.default_failure_mode
-        return Policy(name, rate, rate_text, burst, cost, cast(FailureMode, mode))
+        failure_mode = cast(FailureMode, mode)
+        tokens = None
+        estimate = None
+        if "tokens" in table:
+            tokens = self.budget(where, name, table, failure_mode)
+            if "tokens_estimate" in table:
+                estimate = self.integer(where, "tokens_estimate", table["tokens_estimate"],
+                                        minimum=1)  # fmt: skip
+        elif "tokens_burst" in table or "tokens_estimate" in table:
+            self.problem(f"{where}.tokens", "missing: tokens_burst and tokens_estimate need it")
+        concurrent = None
+        if "concurrent" in table:
+            concurrent = self.integer(where, "concurrent", table["concurrent"], minimum=1)
+        return Policy(name, rate, rate_text, burst, cost, failure_mode, tokens=tokens,
+                      tokens_estimate=estimate, concurrent=concurrent)  # fmt: skip
+
+    def budget(
+        self, where: str, name: str, table: dict[str, Any], mode: FailureMode
+    ) -> Policy | None:
+        """`tokens = "200000/day"` (+ `tokens_burst`): the policy's token budget."""
+        raw = table["tokens"]
+        match = RATE.match(raw) if isinstance(raw, str) else None
+        if match is None or float(match[1]) <= 0:
+            self.problem(f"{where}.tokens", 'must be "N/second", "N/minute", "N/hour" or "N/day" '
+                         "with N > 0 (model tokens)")  # fmt: skip
+            return None
+        count = max(1, int(float(match[1])))
+        burst = self.integer(where, "tokens_burst", table.get("tokens_burst", count), minimum=1)
+        return Policy(f"{name}-tokens", float(match[1]) / PERIODS[match[2]],
+                      f"{match[1]}/{match[2]}", burst, 0, mode, unit="tokens")  # fmt: skip
 
     def integer(self, where: str, key: str, value: object, *, minimum: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -222,7 +276,7 @@ def parse_policies(text: str, source: str, default_failure_mode: FailureMode = "
         default_table = {"rate": "1/second"}  # stands in so the other problems still show
     default = reader.policy("default", "default", default_table, SECTION_KEYS)
     ip_table = reader.table(doc, "ip")
-    ip = reader.policy("ip", "ip", ip_table, SECTION_KEYS) if ip_table is not None else None
+    ip = reader.policy("ip", "ip", ip_table, IP_KEYS) if ip_table is not None else None
     rules: list[Rule] = []
     raw_rules = doc.get("rules", [])
     if not isinstance(raw_rules, list):

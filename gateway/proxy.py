@@ -28,6 +28,7 @@ from gateway.metrics import Metrics
 from gateway.ratelimit import Limiter
 from gateway.settings import GatewaySettings
 from gateway.tokens import TokenVerifier
+from gateway.usage import UsageWatcher
 from gateway.websocket import is_websocket, relay_websocket
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,24 @@ class _Counted:
                 self.exceeded = True
                 raise BodyTooLarge(f"request body exceeds {self.limit} bytes")
             yield chunk
+
+
+class Metering:
+    """What settling a request's token reservation needs: the upstream's status, and the
+    usage report found in the answer (when the request reserved tokens)."""
+
+    __slots__ = ("status", "watch", "watcher")
+
+    def __init__(self, watch: bool) -> None:
+        self.watch = watch
+        self.status: int | None = None
+        self.watcher: UsageWatcher | None = None
+
+    def start(self, upstream: aiohttp.ClientResponse) -> UsageWatcher | None:
+        self.status = upstream.status
+        if self.watch and upstream.status < 400:
+            self.watcher = UsageWatcher(upstream.content_type)
+        return self.watcher
 
 
 class Proxy:
@@ -119,19 +138,38 @@ class Proxy:
         exchange.identity = identity
         exchange.route_path = request.path
         limiter = self.limiter
+        decision = None
         if limiter is not None:
-            decision = await limiter.check(request.method, request.path, identity, client.address)
+            decision = await limiter.check(
+                request.method, request.path, identity, client.address, request.content_length
+            )
             if decision is not None:
                 exchange.limit_headers = hdrs.limit_headers(decision)
                 if not decision.allowed:
                     raise decision.denial()
         headers = self.forward_headers(request, exchange.request_id, peer, client, identity)
         url = URL(self.base + request.raw_path, encoded=True)  # the client's bytes, as sent
-        if is_websocket(request):
-            return await relay_websocket(
-                request, self.session, url, headers, self.metrics, exchange.limit_headers
-            )
-        return await self.forward(request, exchange, url, headers)
+        if decision is None or (decision.reservation is None and decision.lease is None):
+            if is_websocket(request):
+                return await relay_websocket(
+                    request, self.session, url, headers, self.metrics, exchange.limit_headers
+                )
+            return await self.forward(request, exchange, url, headers)
+        assert limiter is not None
+        metering = Metering(decision.reservation is not None)
+        try:
+            if is_websocket(request):
+                return await relay_websocket(
+                    request, self.session, url, headers, self.metrics, exchange.limit_headers
+                )
+            return await self.forward(request, exchange, url, headers, metering)
+        finally:
+            # The model answered only if a 2xx body reached the client; otherwise (upstream
+            # down, error status, client gone before the first byte) nothing was used.
+            status = metering.status
+            answered = status is not None and status < 400 and bool(exchange.body_bytes)
+            used = metering.watcher.tokens if metering.watcher is not None else None
+            limiter.finish(decision, used, refund=not answered)
 
     def forward_headers(
         self, request: web.Request, request_id: str, peer: str, client: Client, identity: Identity
@@ -176,7 +214,12 @@ class Proxy:
         return bytes(head), None
 
     async def forward(
-        self, request: web.Request, exchange: Exchange, url: URL, headers: CIMultiDict[str]
+        self,
+        request: web.Request,
+        exchange: Exchange,
+        url: URL,
+        headers: CIMultiDict[str],
+        metering: Metering | None = None,
     ) -> web.StreamResponse:
         body, counted = await self.request_body(request)
         response: web.StreamResponse | None = None
@@ -194,6 +237,7 @@ class Proxy:
                 )
                 if exchange.limit_headers is not None:
                     reply_headers.update(exchange.limit_headers)
+                watcher = metering.start(upstream) if metering is not None else None
                 length = upstream.content_length
                 if length is not None and length <= SMALL_BODY and request.method != "HEAD":
                     if not upstream.content.is_eof():  # usually it came with the headers
@@ -201,6 +245,9 @@ class Proxy:
                     payload = await upstream.read()
                     reply_headers.popall("Content-Length", None)
                     exchange.body_bytes = len(payload)
+                    if watcher is not None:
+                        watcher.feed(payload)
+                        watcher.close()
                     return web.Response(
                         body=payload,
                         status=upstream.status,
@@ -214,9 +261,16 @@ class Proxy:
                 await response.prepare(request)
                 content = upstream.content
                 exchange.body_bytes = 0
-                while chunk := await content.readany():
-                    exchange.body_bytes += len(chunk)
-                    await response.write(chunk)
+                if watcher is None:
+                    while chunk := await content.readany():
+                        exchange.body_bytes += len(chunk)
+                        await response.write(chunk)
+                else:  # the same, looking for the usage report on the side
+                    while chunk := await content.readany():
+                        exchange.body_bytes += len(chunk)
+                        await response.write(chunk)
+                        watcher.feed(chunk)
+                    watcher.close()
             await response.write_eof()
             return response
         except ConnectionError as exc:

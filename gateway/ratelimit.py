@@ -25,9 +25,10 @@ from typing import Any, NamedTuple
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
-from gateway.buckets import BucketsUnavailable, LocalBuckets, RedisBuckets, Take
+from gateway.buckets import BucketsUnavailable, LocalBuckets, RedisBuckets, Reply, Take
 from gateway.errors import LimiterUnavailable, RateLimited
 from gateway.identity import Identity
+from gateway.leases import Lease, Leases, LeasesUnavailable
 from gateway.metrics import Metrics
 from gateway.policies import Policies, Policy
 
@@ -39,6 +40,7 @@ PROBE_WAIT_INITIAL = 0.05
 PROBE_WAIT_MAX = 2.0
 KEY_CACHE = 50_000  # memoized bucket operations (about 300 bytes each)
 CLOSED_RETRY_AFTER = 2  # seconds a failure_mode=closed 503 asks the client to wait
+CONCURRENT_RETRY_AFTER = 1  # a slot frees when a request ends: no way to know when
 SLOW_TRIPS = 3  # missed deadlines in a row that open the breaker
 
 
@@ -55,9 +57,11 @@ class Verdict(NamedTuple):
 
 
 class Decision:
-    """All verdicts for one request; `degraded` when made without Redis."""
+    """All verdicts for one request; `degraded` when made without Redis. `reservation` is the
+    token budget's take (settled once the answer's usage is known), `lease` the concurrency
+    lease held while the request runs, `concurrency` that cap's policy and free slots."""
 
-    __slots__ = ("allowed", "degraded", "verdicts")
+    __slots__ = ("allowed", "concurrency", "degraded", "lease", "reservation", "verdicts")
 
     def __init__(
         self, verdicts: tuple[Verdict, ...], allowed: bool, degraded: bool = False
@@ -65,11 +69,22 @@ class Decision:
         self.verdicts = verdicts
         self.allowed = allowed
         self.degraded = degraded
+        self.reservation: tuple[Policy, Take] | None = None
+        self.lease: Lease | None = None
+        self.concurrency: tuple[Policy, int] | None = None
 
     def denial(self) -> RateLimited:
         """The 429 for a denied request: Retry-After never earlier than any denying verdict's
         wait (so never earlier than the `t` of the RateLimit header either)."""
         denied = [v for v in self.verdicts if not v.allowed]
+        if not denied and self.concurrency is not None:  # the buckets had room, the cap not
+            policy = self.concurrency[0]
+            name = policy.concurrent_name
+            detail = (
+                f'concurrency cap "{name}" reached: at most {policy.concurrent} requests at '
+                "once; retry when one of yours has finished"
+            )
+            return RateLimited(detail, [name], CONCURRENT_RETRY_AFTER)
         retry_after = max(1, math.ceil(max(v.retry_after for v in denied) - 1e-6))
         tight = max(denied, key=lambda v: v.retry_after).policy
         noun = "request" if tight.cost == 1 else f"request costing {tight.cost} tokens"
@@ -121,6 +136,7 @@ class Limiter:
         prefix: str,
         timeout: float,
         divisor: int,
+        lease_seconds: float = 30.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.metrics = metrics
@@ -129,6 +145,7 @@ class Limiter:
             client, timeout=timeout, on_round_trip=self._round_trip, on_error=self._failed
         )
         self.local = LocalBuckets(divisor) if clock is None else LocalBuckets(divisor, clock)
+        self.leases = Leases(client, ttl=lease_seconds, timeout=timeout, divisor=divisor)
         self.healthy = True
         self._slow = 0  # deadlines missed in a row
         self.degraded_since: float | None = None
@@ -150,6 +167,7 @@ class Limiter:
 
     async def start(self) -> None:
         await self.buckets.start()
+        await self.leases.start()
 
     async def close(self) -> None:
         if self._probe is not None:
@@ -157,6 +175,7 @@ class Limiter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
         await self.buckets.close()
+        await self.leases.close()
 
     def _count(self, policy: str, decision: str, amount: int = 1) -> None:
         child = self._children.get((policy, decision))
@@ -183,30 +202,66 @@ class Limiter:
         return take
 
     def plan(
-        self, method: str, path: str, identity: Identity, address: str
-    ) -> tuple[list[Policy], list[Take]]:
-        """The policies that apply to a request and its bucket operations: its own policy's,
-        then the ceiling's. Policies that cost nothing are left out."""
+        self,
+        method: str,
+        path: str,
+        identity: Identity,
+        address: str,
+        body_bytes: int | None = None,
+    ) -> tuple[Policy, list[Policy], list[Take]]:
+        """The policy of a request, and every bucket it takes from: its policy's, its token
+        budget's (the reservation), the ceiling's. Buckets that cost nothing are left out."""
         policies = self.policies
         policy = policies.match(method, path)
         ip = policies.ip
-        if policy.cost:
-            take = self._take(policy, identity.kind, identity.value)
+        if policy.tokens is None:  # the common case, kept short
+            if policy.cost:
+                take = self._take(policy, identity.kind, identity.value)
+                if ip is not None and ip.cost:
+                    return policy, [policy, ip], [take, self._take(ip, "address", address)]
+                return policy, [policy], [take]
             if ip is not None and ip.cost:
-                return [policy, ip], [take, self._take(ip, "address", address)]
-            return [policy], [take]
+                return policy, [ip], [self._take(ip, "address", address)]
+            return policy, [], []
+        applied: list[Policy] = []
+        takes: list[Take] = []
+        if policy.cost:
+            applied.append(policy)
+            takes.append(self._take(policy, identity.kind, identity.value))
+        budget = policy.tokens
+        applied.append(budget)
+        reserve = policy.estimate(body_bytes)
+        takes.append(self._take(budget, identity.kind, identity.value)._replace(cost=reserve))
         if ip is not None and ip.cost:
-            return [ip], [self._take(ip, "address", address)]
-        return [], []
+            applied.append(ip)
+            takes.append(self._take(ip, "address", address))
+        return policy, applied, takes
 
     async def check(
-        self, method: str, path: str, identity: Identity, address: str
+        self,
+        method: str,
+        path: str,
+        identity: Identity,
+        address: str,
+        body_bytes: int | None = None,
     ) -> Decision | None:
         """The decision for one request (None when no policy costs anything). Raises
         LimiterUnavailable when Redis is unavailable and a policy fails closed."""
-        policies, takes = self.plan(method, path, identity, address)
-        if not takes:
+        policy, policies, takes = self.plan(method, path, identity, address, body_bytes)
+        if not takes and policy.concurrent is None:
             return None
+        decision = await self._buckets(policies, takes)
+        if decision.allowed and policy.tokens is not None and not decision.degraded:
+            take = next(t for t, p in zip(takes, policies, strict=True) if p is policy.tokens)
+            decision.reservation = (policy.tokens, take)
+            self._tokens(policy.tokens.name, "reserved", take.cost)
+        if decision.allowed and policy.concurrent is not None:
+            await self._lease(policy, identity, decision, takes)
+        return decision
+
+    async def _buckets(self, policies: list[Policy], takes: list[Take]) -> Decision:
+        if not takes:
+            return Decision((), True)
         if self.healthy:
             try:
                 replies = await self.buckets.take(takes)
@@ -228,6 +283,88 @@ class Limiter:
                 self._refund(takes, verdicts)  # Cluster: the other buckets did pay; pay back
                 return Decision(refunded(verdicts, takes), False)
         return self._degraded(takes, policies)
+
+    async def _lease(
+        self, policy: Policy, identity: Identity, decision: Decision, takes: list[Take]
+    ) -> None:
+        """Hold one of the policy's `concurrent` slots for this request, or deny it (and
+        give back what its buckets took)."""
+        cap = policy.concurrent
+        assert cap is not None
+        name = policy.concurrent_name
+        key = f"{self.prefix}cc:{policy.name}:{_digest(f'{identity.kind}:{identity.value}')}"
+        mode = policy.failure_mode
+        try:
+            if not self.healthy:
+                raise LeasesUnavailable("the limiter's breaker is open")
+            lease, held = await self.leases.acquire(key, cap)
+        except LeasesUnavailable:
+            if mode == "closed":
+                self._count(name, "closed_rejected")
+                self._give_back(decision, takes)
+                raise LimiterUnavailable(
+                    f'the concurrency cap "{name}" cannot be checked and fails closed; '
+                    "retry shortly",
+                    CLOSED_RETRY_AFTER,
+                ) from None
+            if mode == "open":
+                self._count(name, "open_allowed")
+                return
+            lease, held = self.leases.acquire_local(key, cap)
+            self._count(name, "fallback_allowed" if lease else "fallback_limited")
+        else:
+            self._count(name, "allowed" if lease else "limited")
+        self.metrics.ratelimit_streams.set(self.leases.held)
+        decision.concurrency = (policy, max(0, cap - held))
+        if lease is None:
+            self._give_back(decision, takes)
+            decision.allowed = False
+            return
+        decision.lease = lease
+
+    def _give_back(self, decision: Decision, takes: list[Take]) -> None:
+        """A request denied after its buckets paid (the concurrency cap) gets it all back."""
+        decision.reservation = None
+        refunds = [t._replace(cost=-t.cost) for t in takes if t.cost > 0]
+        if refunds and not decision.degraded:
+            future = self.buckets.take(refunds)
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def finish(self, decision: Decision, used: int | None, *, refund: bool) -> None:
+        """After the response: release the lease and settle the token reservation. `refund`:
+        the model never answered (upstream failure, error status, client gone before the first
+        byte), so the whole reservation comes back; else `used` tokens are settled against it
+        (more is debited, into debt if need be; less is refunded), and with no usage reported
+        the reservation stands."""
+        if decision.lease is not None:
+            lease, decision.lease = decision.lease, None
+            task = asyncio.get_running_loop().create_task(self.leases.release(lease))
+            task.add_done_callback(lambda t: self.metrics.ratelimit_streams.set(self.leases.held))
+        if decision.reservation is None:
+            return
+        budget, take = decision.reservation
+        decision.reservation = None
+        reserved = take.cost
+        if refund:
+            delta, kind = -reserved, "refunded"
+        elif used is None:
+            self._tokens(budget.name, "unsettled", reserved)
+            return
+        else:
+            delta = used - reserved
+            kind = "debited" if delta > 0 else "refunded"
+        if delta == 0:
+            return
+        self._tokens(budget.name, kind, abs(delta))
+        future = self.buckets.take([take._replace(cost=delta, force=1 if delta > 0 else 0)])
+        future.add_done_callback(self._settled)
+
+    def _settled(self, future: asyncio.Future[list[Reply]]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self.metrics.ratelimit_settlement_errors.inc()
+
+    def _tokens(self, budget: str, kind: str, amount: int) -> None:
+        self.metrics.ratelimit_tokens.labels(budget, kind).inc(amount)
 
     def _refund(self, takes: list[Take], verdicts: tuple[Verdict, ...]) -> None:
         """A denied request keeps no tokens: give back what the other bucket took."""

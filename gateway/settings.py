@@ -43,6 +43,7 @@ class GatewaySettings(BaseSettings):
     gateway_ratelimit_enabled: bool = True
     gateway_ratelimit_timeout_ms: Annotated[int, Field(ge=1, le=10_000)] = 100
     gateway_ratelimit_replicas: Annotated[int, Field(ge=1, le=10_000)] = 1
+    gateway_ratelimit_lease_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
     gateway_redis_key_prefix: str = Field(default="pixelcraft:", min_length=1, max_length=64)
     gateway_redis_cluster: bool = False
     gateway_redis_sentinels: Annotated[list[str], NoDecode] = []

@@ -10,11 +10,14 @@
 --             All or nothing: unless every bucket has the tokens, none is debited. On Redis
 --             Cluster the gateway calls with one key at a time (keys of one call must share a
 --             slot) and gives tokens back itself.
--- ARGV, three per key, in order:
+-- ARGV, four per key, in order:
 --   interval  microseconds per token (1e6 / rate per second)
 --   burst     the bucket's capacity in tokens
 --   cost      tokens to take; negative gives tokens back (a refund, capped at a full bucket);
 --             0 only reads
+--   force     1: take the tokens even if that leaves the bucket in debt (settling a token
+--             budget after the fact: the debt is waited out by the next requests); 0: only if
+--             they are there
 --
 -- Returns integers, five per key: allowed (1|0: this bucket had the tokens), remaining tokens
 -- after the request (floor; as before it when the request was denied), microseconds until
@@ -27,26 +30,27 @@ local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local tats = {}
 local denied = false
 for i = 1, #KEYS do
-  local interval = tonumber(ARGV[3 * i - 2])
-  local capacity = tonumber(ARGV[3 * i - 1]) * interval
-  local cost = tonumber(ARGV[3 * i])
+  local interval = tonumber(ARGV[4 * i - 3])
+  local capacity = tonumber(ARGV[4 * i - 2]) * interval
+  local cost = tonumber(ARGV[4 * i - 1])
+  local force = ARGV[4 * i] == '1'
   local tat = tonumber(redis.call('GET', KEYS[i]) or now)
   if tat < now then
     tat = now
   end
   local new_tat = tat + cost * interval
-  if cost > 0 and new_tat - now > capacity then
+  if cost > 0 and not force and new_tat - now > capacity then
     denied = true
   end
-  tats[i] = {tat, new_tat, interval, capacity, cost}
+  tats[i] = {tat, new_tat, interval, capacity, cost, force}
 end
 
 local out = {}
 for i = 1, #KEYS do
-  local tat, new_tat, interval, capacity, cost = unpack(tats[i])
+  local tat, new_tat, interval, capacity, cost, force = unpack(tats[i])
   local allowed = 1
   local wait = 0
-  if cost > 0 and new_tat - now > capacity then
+  if cost > 0 and not force and new_tat - now > capacity then
     allowed = 0
     wait = new_tat - now - capacity
   end

@@ -19,6 +19,8 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.conftest import service_env, wait_until
 from tests.fakes.upstream import UpstreamState, create_fake_upstream
+from upstream.app import create_app as create_upstream
+from upstream.settings import UpstreamSettings
 
 
 @dataclass
@@ -55,6 +57,21 @@ def gateway_settings(redis_url: str, bucket_prefix: str) -> Callable[..., Gatewa
         return GatewaySettings(_env_file=None, **values)
 
     return build
+
+
+@pytest.fixture
+async def chat_service(aiohttp_server: Any, database_url: str) -> str:
+    """The real chat service (local model) on a socket; its base URL."""
+    settings = UpstreamSettings(
+        _env_file=None,
+        database_url=database_url,
+        upstream_llm_provider="local",
+        upstream_local_token_delay=0,
+        db_pool_min_size=1,
+        db_pool_max_size=5,
+    )
+    server = await aiohttp_server(create_upstream(settings))
+    return str(server.make_url("")).rstrip("/")
 
 
 GatewayFactory = Callable[..., Awaitable[TestClient[Any, Any]]]

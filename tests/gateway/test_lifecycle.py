@@ -47,6 +47,7 @@ async def test_sigterm_drains_a_running_stream_to_completion(
         assert await resp.content.read() == b""  # and ends normally
         resp.release()
     assert await asyncio.wait_for(gateway.proc.wait(), 10) == 0
+    await asyncio.wait_for(gateway.reader, 10)  # its last lines may still be in the pipe
     assert any("draining: 1 request(s) in flight" in line for line in gateway.output)
 
 

@@ -61,21 +61,6 @@ burst = 30
 """
 
 
-@pytest.fixture
-async def chat_service(aiohttp_server: Any, database_url: str) -> str:
-    """The real chat service (local model) on a socket; its base URL."""
-    settings = UpstreamSettings(
-        _env_file=None,
-        database_url=database_url,
-        upstream_llm_provider="local",
-        upstream_local_token_delay=0,
-        db_pool_min_size=1,
-        db_pool_max_size=5,
-    )
-    server = await aiohttp_server(create_upstream(settings))
-    return str(server.make_url("")).rstrip("/")
-
-
 async def get_json(client: TestClient[Any, Any], path: str) -> Any:
     resp = await client.get(path)
     assert resp.status == 200, await resp.text()
