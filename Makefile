@@ -6,14 +6,14 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench loadtest clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 
 $(STAMP): $(VPY) setup.cfg pyproject.toml
-	$(VPY) -m pip install --quiet -e '.[test,dev,lint]'
+	$(VPY) -m pip install --quiet -e '.[test,dev,lint,load]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -34,3 +34,8 @@ clean:
 # Options: make bench BENCH_ARGS="--quick" (or --rounds 5, --markdown FILE, ...).
 bench: $(STAMP)
 	$(VPY) scripts/bench $(BENCH_ARGS)
+
+# Locust users against a local stack it starts and stops; see CAPACITY_PLANNING.md.
+# Options: make loadtest LOADTEST_ARGS="--steps 10,50,100 --duration 30" (scripts/loadtest --help).
+loadtest: $(STAMP)
+	$(VPY) scripts/loadtest $(LOADTEST_ARGS)

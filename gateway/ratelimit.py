@@ -266,7 +266,11 @@ class Limiter:
             try:
                 replies = await self.buckets.take(takes)
             except BucketsUnavailable:
-                pass  # _failed() opened the breaker; this request is decided without Redis
+                # Decided without Redis. While the breaker stays closed (one missed deadline:
+                # Redis may be fine and this process late) every policy uses the local bucket,
+                # metered: failing a `closed` policy over one slow round trip would turn
+                # away requests that Redis would have admitted.
+                return self._degraded(takes, policies, transient=self.healthy)
             else:
                 verdicts = tuple([Verdict(p, *r) for p, r in zip(policies, replies, strict=True)])
                 allowed = True
@@ -375,11 +379,13 @@ class Limiter:
             future = self.buckets.take(refunds)
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
-    def _degraded(self, takes: list[Take], policies: list[Policy]) -> Decision:
+    def _degraded(
+        self, takes: list[Take], policies: list[Policy], *, transient: bool = False
+    ) -> Decision:
         verdicts: list[Verdict] = []
         closed: Policy | None = None
         for take, policy in zip(takes, policies, strict=True):
-            mode = policy.failure_mode
+            mode = "local" if transient else policy.failure_mode
             if mode == "closed":
                 closed = policy
                 self._count(policy.name, "closed_rejected")

@@ -17,6 +17,7 @@ from upstream.keys import provider_key, settings_key, tasks_key
 from upstream.llm import Provider
 from upstream.llm.local import LocalProvider
 from upstream.llm.openai import OpenAIProvider, make_session
+from upstream.metrics import Metrics, metrics_handler, metrics_key, metrics_middleware
 from upstream.middlewares import error_middleware, request_id_middleware
 from upstream.settings import UpstreamSettings
 
@@ -72,9 +73,11 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: UpstreamSettings, *, provider: Provider | None = None) -> web.Application:
     """The chat service; `provider` replaces the configured model (tests script one)."""
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware], client_max_size=MAX_BODY_BYTES
+        middlewares=[metrics_middleware, request_id_middleware, error_middleware],
+        client_max_size=MAX_BODY_BYTES,
     )
     app[settings_key] = settings
+    app[metrics_key] = Metrics(app)
     if provider is not None:
         app[provider_key] = provider
     # Order matters: contexts unwind in reverse, so tasks finish while the pool is still open.
@@ -85,6 +88,7 @@ def create_app(settings: UpstreamSettings, *, provider: Provider | None = None) 
     app.router.add_delete("/v1/conversations/{id}", handlers.delete_conversation)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", metrics_handler)  # undocumented: not part of the public API
     document = json_bytes(
         build_spec(app, title="PixelCraft chat service", version=VERSION, description=DESCRIPTION)
     )

@@ -224,7 +224,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
     }
     if response is None:
         return web.json_response({**done, "content": reply.text}, headers=headers)
-    await response.write(sse.event("done", done))
+    try:
+        await response.write(sse.event("done", done))
+    except ConnectionError:  # the client left at the very end; the reply is already saved
+        logger.info("client left conversation %s before the done event", convo["id"])
     return response
 
 
