@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from importlib.metadata import version
@@ -34,6 +33,7 @@ from gateway.ratelimit import Limiter
 from gateway.redis import describe, redis_ctx
 from gateway.settings import GatewaySettings
 from gateway.tokens import JWKSUnavailable, TokenVerifier
+from pixelcraft.aio import cancel
 from pixelcraft.boot import DependencyUnavailable
 from pixelcraft.openapi import add_docs, build_spec, documented
 
@@ -251,9 +251,7 @@ async def inflight_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.get_running_loop().create_task(push())
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel(task)
 
 
 async def access_log_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 from redis.asyncio import RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from pixelcraft.aio import cancel
+
 logger = logging.getLogger(__name__)
 
 
@@ -114,11 +116,8 @@ class RedisBuckets:
         await self.client.script_load(self.source)
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        await cancel(self._flusher)
+        self._flusher = None
         for _, future in self._pending:
             if not future.done():
                 future.set_exception(BucketsUnavailable("the gateway is stopping"))

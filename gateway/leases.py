@@ -12,7 +12,6 @@ refuses.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -21,6 +20,8 @@ from importlib import resources
 from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
+
+from pixelcraft.aio import cancel
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +68,7 @@ class Leases:
         self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
 
     async def close(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+        await cancel(self._renewer)
 
     async def _call(self, key: str, *args: Any) -> list[int]:
         async with asyncio.timeout(self.timeout):

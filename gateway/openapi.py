@@ -17,7 +17,6 @@ operation the merge adds:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import json
 import logging
@@ -25,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.policies import Policies, Policy
+from pixelcraft.aio import cancel
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +347,4 @@ class ApiDocument:
             await asyncio.sleep(min(wait, self.refresh_seconds))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)

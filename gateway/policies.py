@@ -171,16 +171,10 @@ class _Reader:
             self.problem(f"{where}.{key}", f"unknown key (known: {', '.join(sorted(allowed))})")
         rate, rate_text, count = 1.0, "1/second", 1
         raw = table.get("rate")
-        match = RATE.match(raw) if isinstance(raw, str) else None
         if raw is None:
             self.problem(f"{where}.rate", 'missing (e.g. rate = "100/minute")')
-        elif match is None or float(match[1]) <= 0:
-            self.problem(f"{where}.rate", 'must be "N/second", "N/minute", "N/hour" or "N/day" '
-                         "with N > 0")  # fmt: skip
-        else:
-            rate = float(match[1]) / PERIODS[match[2]]
-            rate_text = f"{match[1]}/{match[2]}"
-            count = max(1, int(float(match[1])))
+        elif parsed := self.rate(f"{where}.rate", raw, ""):
+            rate, rate_text, count = parsed
         burst = self.integer(where, "burst", table.get("burst", count), minimum=1)
         cost = self.integer(where, "cost", table.get("cost", 1), minimum=0)
         if cost > burst:
@@ -209,16 +203,22 @@ class _Reader:
         self, where: str, name: str, table: dict[str, Any], mode: FailureMode
     ) -> Policy | None:
         """`tokens = "200000/day"` (+ `tokens_burst`): the policy's token budget."""
-        raw = table["tokens"]
+        parsed = self.rate(f"{where}.tokens", table["tokens"], " (model tokens)")
+        if parsed is None:
+            return None
+        rate, rate_text, count = parsed
+        burst = self.integer(where, "tokens_burst", table.get("tokens_burst", count), minimum=1)
+        return Policy(f"{name}-tokens", rate, rate_text, burst, 0, mode, unit="tokens")
+
+    def rate(self, where: str, raw: object, unit: str) -> tuple[float, str, int] | None:
+        """ "N/period" as (per second, as written, N), or None with the problem reported."""
         match = RATE.match(raw) if isinstance(raw, str) else None
         if match is None or float(match[1]) <= 0:
-            self.problem(f"{where}.tokens", 'must be "N/second", "N/minute", "N/hour" or "N/day" '
-                         "with N > 0 (model tokens)")  # fmt: skip
+            self.problem(where, 'must be "N/second", "N/minute", "N/hour" or "N/day" with N > 0'
+                         + unit)  # fmt: skip
             return None
-        count = max(1, int(float(match[1])))
-        burst = self.integer(where, "tokens_burst", table.get("tokens_burst", count), minimum=1)
-        return Policy(f"{name}-tokens", float(match[1]) / PERIODS[match[2]],
-                      f"{match[1]}/{match[2]}", burst, 0, mode, unit="tokens")  # fmt: skip
+        return (float(match[1]) / PERIODS[match[2]], f"{match[1]}/{match[2]}",
+                max(1, int(float(match[1]))))  # fmt: skip
 
     def integer(self, where: str, key: str, value: object, *, minimum: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

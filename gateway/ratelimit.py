@@ -15,12 +15,11 @@ task probes Redis with exponential backoff and closes the breaker when it answer
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import ipaddress
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
@@ -31,6 +30,7 @@ from gateway.identity import Identity
 from gateway.leases import Lease, Leases, LeasesUnavailable
 from gateway.metrics import Metrics
 from gateway.policies import Policies, Policy
+from pixelcraft.aio import cancel
 
 logger = logging.getLogger(__name__)
 
@@ -170,10 +170,7 @@ class Limiter:
         await self.leases.start()
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        await cancel(self._probe)
         await self.buckets.close()
         await self.leases.close()
 
@@ -284,7 +281,8 @@ class Limiter:
                     return Decision(verdicts, allowed)
                 if self.buckets.atomic:  # nothing was taken from any bucket
                     return Decision(verdicts, False)
-                self._refund(takes, verdicts)  # Cluster: the other buckets did pay; pay back
+                # Cluster: the buckets that had room did pay; pay them back
+                self._pay_back(t for t, v in zip(takes, verdicts, strict=True) if v.allowed)
                 return Decision(refunded(verdicts, takes), False)
         return self._degraded(takes, policies)
 
@@ -329,10 +327,8 @@ class Limiter:
     def _give_back(self, decision: Decision, takes: list[Take]) -> None:
         """A request denied after its buckets paid (the concurrency cap) gets it all back."""
         decision.reservation = None
-        refunds = [t._replace(cost=-t.cost) for t in takes if t.cost > 0]
-        if refunds and not decision.degraded:
-            future = self.buckets.take(refunds)
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if not decision.degraded:
+            self._pay_back(takes)
 
     def finish(self, decision: Decision, used: int | None, *, refund: bool) -> None:
         """After the response: release the lease and settle the token reservation. `refund`:
@@ -370,11 +366,10 @@ class Limiter:
     def _tokens(self, budget: str, kind: str, amount: int) -> None:
         self.metrics.ratelimit_tokens.labels(budget, kind).inc(amount)
 
-    def _refund(self, takes: list[Take], verdicts: tuple[Verdict, ...]) -> None:
-        """A denied request keeps no tokens: give back what the other bucket took."""
-        refunds = [
-            t._replace(cost=-t.cost) for t, v in zip(takes, verdicts, strict=True) if v.allowed
-        ]
+    def _pay_back(self, takes: Iterable[Take]) -> None:
+        """Give back what these bucket operations took (a denied request keeps no tokens);
+        fire and forget: a lost refund only errs on the strict side."""
+        refunds = [take._replace(cost=-take.cost) for take in takes if take.cost > 0]
         if refunds:
             future = self.buckets.take(refunds)
             future.add_done_callback(lambda f: f.cancelled() or f.exception())

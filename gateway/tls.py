@@ -15,7 +15,6 @@ whole interval, and never trusts a half-switched pair anyway.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import ssl
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives.serialization import (
 from gateway.keys import lifecycle_key
 from gateway.lifecycle import ReloadFailed
 from gateway.metrics import Metrics
+from pixelcraft.aio import cancel
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,4 @@ class ServingCertificate:
         if self.poll_seconds > 0:
             task = asyncio.get_running_loop().create_task(self.poll())
         yield
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(task)

