@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
 from pathlib import Path
-
-from aiohttp import web
-from aiohttp.typedefs import Handler
 
 CHALLENGE_PATH = "/.well-known/acme-challenge/"
 CHALLENGE_ROUTE = "/.well-known/acme-challenge/{token}"
@@ -45,60 +41,20 @@ class Challenges:
     def __init__(self, webroot: Path | None) -> None:
         self.directory = webroot / ".well-known" / "acme-challenge" if webroot else None
 
-    async def handle(self, request: web.Request) -> web.Response:
-        """GET /.well-known/acme-challenge/<token>: the file's bytes; 404 for anything else."""
-        if request.method not in ("GET", "HEAD"):
-            raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
-        token = request.raw_path.partition("?")[0][len(CHALLENGE_PATH) :]
+    async def read(self, raw_path: str) -> bytes | None:
+        """The file a challenge path names, None for anything that names no challenge: the
+        token is checked on the raw path, before any decoding."""
+        token = raw_path.partition("?")[0][len(CHALLENGE_PATH) :]
         if self.directory is None or not TOKEN.match(token):
-            raise web.HTTPNotFound(text="no such challenge")
-        body = await asyncio.to_thread(_read_challenge, self.directory / token)
-        if body is None:
-            raise web.HTTPNotFound(text="no such challenge")
-        return web.Response(body=body, content_type="text/plain")
+            return None
+        return await asyncio.to_thread(_read_challenge, self.directory / token)
 
 
-def https_location(request: web.Request, https_port: int) -> str | None:
-    """The same resource on HTTPS at the same host; None without a usable Host header."""
-    host = request.headers.get("Host", "")
-    match = HOST.match(host)
+def https_location(host: str | None, target: str, https_port: int) -> str | None:
+    """The same resource on HTTPS at the same host; None without a usable Host header.
+    `target` is the request's path and query as sent."""
+    match = HOST.match(host or "")
     if match is None:
         return None
     port = "" if https_port == 443 else f":{https_port}"
-    target = request.raw_path  # as sent; an absolute-form target becomes its path and query
-    target = target if target.startswith("/") else request.rel_url.raw_path_qs
     return f"https://{match.group(1).lower()}{port}{target}"
-
-
-def create_http_app(
-    challenges: Challenges, https_port: int, edge: Callable[[Handler, str | None], Handler]
-) -> web.Application:
-    """The HTTP port's app when TLS is on: challenges, else a 308 to HTTPS."""
-
-    async def to_https(request: web.Request) -> web.Response:
-        location = https_location(request, https_port)
-        if location is None:
-            raise web.HTTPBadRequest(text="a Host header naming this server is required")
-        return web.Response(status=308, headers={"Location": location})
-
-    challenge = edge(challenges.handle, CHALLENGE_ROUTE)
-    redirect = edge(to_https, "redirect to https")
-
-    async def dispatch(request: web.Request) -> web.StreamResponse:
-        # The raw path decides: the router sees it decoded and with dot-segments removed.
-        if is_challenge(request.raw_path):
-            return await challenge(request)
-        return await redirect(request)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", dispatch)
-    return app
-
-
-def add_challenge_route(
-    app: web.Application, challenges: Challenges, edge: Callable[[Handler, str | None], Handler]
-) -> None:
-    """TLS off, GATEWAY_ACME_WEBROOT set (getting the first certificate): challenges on the
-    public app, before its catch-all proxy route (aiohttp tries the longest prefix first)."""
-    handler = edge(challenges.handle, CHALLENGE_ROUTE)
-    app.router.add_route("*", CHALLENGE_PATH + "{tail:.*}", handler)

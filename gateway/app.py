@@ -13,29 +13,31 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway.accesslog import AccessLog
-from gateway.edge import make_edge
+from gateway.acme import Challenges
+from gateway.edge.plane import DataPlane
+from gateway.edge.routes import operations, public_routes
 from gateway.keys import (
     access_log_key,
     api_document_key,
     lifecycle_key,
     limiter_key,
+    plane_key,
     policies_key,
-    proxy_key,
     redis_key,
+    routes_key,
     settings_key,
 )
 from gateway.lifecycle import Lifecycle, ReloadFailed
 from gateway.metrics import Metrics, metrics_key, multiprocess_dir
 from gateway.openapi import ApiDocument
 from gateway.policies import Policies, PolicyError, load_policies
-from gateway.proxy import Proxy
 from gateway.ratelimit import Limiter
 from gateway.redis import describe, redis_ctx
 from gateway.settings import GatewaySettings
 from gateway.tokens import JWKSUnavailable, TokenVerifier
 from pixelcraft.aio import cancel
 from pixelcraft.boot import DependencyUnavailable
-from pixelcraft.openapi import add_docs, build_spec, documented
+from pixelcraft.openapi import build_spec
 
 logger = logging.getLogger(__name__)
 
@@ -49,85 +51,37 @@ DESCRIPTION = (
 )
 
 READY_TIMEOUT = 2.0
+TITLE = "PixelCraft API"
 
 
-STATUS = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
-READY = {
-    "type": "object",
-    "properties": {
-        "status": {"type": "string", "enum": ["ready", "unavailable", "draining"]},
-        "redis": {"type": "string", "example": "ok"},
-        "upstream": {"type": "string", "example": "ok"},
-    },
-    "required": ["status"],
-}
-
-
-@documented(
-    tags=["operations"],
-    summary="Liveness of the gateway",
-    description="200 while the gateway process answers. Not rate limited.",
-    responses={
-        "200": {"description": "Alive.", "content": {"application/json": {"schema": STATUS}}}
-    },
-)
-async def healthz(request: web.Request) -> web.Response:
-    """Alive: the process answers (dependencies are /readyz's business)."""
-    return web.json_response({"status": "ok"})
-
-
-@documented(
-    tags=["operations"],
-    summary="Readiness of the gateway",
-    description="200 when Redis answers PING and the upstream its /healthz; 503 otherwise, and "
-    "while draining after SIGTERM. Not rate limited.",
-    responses={
-        "200": {"description": "Ready.", "content": {"application/json": {"schema": READY}}},
-        "503": {"description": "Not ready.", "content": {"application/json": {"schema": READY}}},
-    },
-)
-async def readyz(request: web.Request) -> web.Response:
-    """Ready: not draining, Redis answers PING, the upstream answers its /healthz."""
-    app = request.app
-    if app[lifecycle_key].draining:
-        return web.json_response({"status": "draining"}, status=503)
-    checks = {"redis": "ok", "upstream": "ok"}
-    try:
-        async with asyncio.timeout(READY_TIMEOUT):
-            await app[redis_key].ping()
-    except (RedisError, OSError, TimeoutError):
-        checks["redis"] = "unreachable"
-    proxy = app[proxy_key]
-    try:
-        async with asyncio.timeout(READY_TIMEOUT):
-            async with proxy.session.get(f"{proxy.base}/healthz") as resp:
-                if resp.status != 200:
-                    checks["upstream"] = f"status {resp.status}"
-    except (aiohttp.ClientError, TimeoutError):
-        checks["upstream"] = "unreachable"
-    ready = all(v == "ok" for v in checks.values())
-    return web.json_response({"status": "ready" if ready else "unavailable", **checks},
-                             status=200 if ready else 503)  # fmt: skip
-
-
-async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The shared upstream session; an unreachable upstream at boot is only a warning."""
-    proxy = app[proxy_key]
-    session = proxy.open()
-    try:
-        async with asyncio.timeout(READY_TIMEOUT):
-            async with session.get(f"{proxy.base}/healthz") as resp:
-                await resp.read()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        logger.warning("upstream %s not reachable at boot (%s); serving anyway", proxy.base, exc)
+async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The outbound HTTP client (JWKS, the upstream's OpenAPI document, /readyz's upstream
+    check); an upstream unreachable at boot is only a warning."""
+    plane = app[plane_key]
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=None, connect=READY_TIMEOUT, sock_read=READY_TIMEOUT)
+    )
+    plane.session = session
+    plane.redis = app[redis_key]  # for /readyz
+    health = await plane.upstream_health(READY_TIMEOUT)
+    if health != "ok":
+        logger.warning("upstream %s not ready at boot (%s); serving anyway", plane.upstream_url,
+                       health)  # fmt: skip
     yield
+    plane.session = None
     await session.close()
+
+
+async def plane_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The data plane's upstream pool closes with the app."""
+    yield
+    await app[plane_key].close()
 
 
 async def tokens_ctx(app: web.Application) -> AsyncIterator[None]:
     """JWT mode: the token verifier and its key set (a JWKS file that cannot load is fatal)."""
     settings = app[settings_key]
-    proxy = app[proxy_key]
+    plane = app[plane_key]
     verifier = TokenVerifier(
         secret=settings.gateway_jwt_secret.get_secret_value()
         if settings.gateway_jwt_secret
@@ -136,15 +90,15 @@ async def tokens_ctx(app: web.Application) -> AsyncIterator[None]:
         jwks_file=settings.gateway_jwks_file,
         audience=settings.gateway_jwt_audience,
         issuer=settings.gateway_jwt_issuer,
-        session=proxy.session,
+        session=plane.session,
     )
     try:
         await verifier.start()
     except JWKSUnavailable as exc:
         raise DependencyUnavailable(f"GATEWAY_JWKS_FILE: {exc}") from exc
-    proxy.verifier = verifier
+    plane.verifier = verifier
     yield
-    proxy.verifier = None
+    plane.verifier = None
     await verifier.close()
 
 
@@ -182,10 +136,10 @@ async def limiter_ctx(app: web.Application) -> AsyncIterator[None]:
 
     app[limiter_key] = limiter
     app[lifecycle_key].reloaders.append(("rate-limit policies", reload))
-    app[proxy_key].limiter = limiter
+    app[plane_key].limiter = limiter
     logger.info("rate-limit policies: %s", summary(limiter.policies))
     yield
-    app[proxy_key].limiter = None
+    app[plane_key].limiter = None
     await limiter.close()
 
 
@@ -197,36 +151,25 @@ def summary(policies: Policies) -> str:
     )
 
 
-@documented(
-    tags=["operations"],
-    summary="This document",
-    description="The merged OpenAPI 3 document: the gateway's operations and the chat "
-    "service's, each annotated with the rate limits in force (`x-ratelimit`).",
-    responses={"200": {"description": "OpenAPI 3.0.", "content": {"application/json": {}}}},
-)
-async def openapi(request: web.Request) -> web.Response:
-    """GET /openapi.json: served from memory, never waiting on the upstream."""
-    app = request.app
-    limiter = app.get(limiter_key)
-    body = app[api_document_key].render(limiter.policies if limiter is not None else None)
-    return web.Response(body=body, content_type="application/json")
-
-
 async def openapi_ctx(app: web.Application) -> AsyncIterator[None]:
     """The upstream's document: fetched once at boot (a failure is only a warning), then
     refreshed in the background."""
     settings = app[settings_key]
-    proxy = app[proxy_key]
+    plane = app[plane_key]
+    session = plane.session
+    assert session is not None, "session_ctx runs first"
 
     async def fetch() -> dict[str, Any]:
         async with asyncio.timeout(READY_TIMEOUT):
-            async with proxy.session.get(f"{proxy.base}/openapi.json") as resp:
+            async with session.get(f"{plane.upstream_url}/openapi.json") as resp:
                 resp.raise_for_status()
                 document: dict[str, Any] = await resp.json(content_type=None)
                 return document
 
     document = ApiDocument(
-        build_spec(app, title="PixelCraft API", version=VERSION, description=DESCRIPTION),
+        build_spec(
+            operations(app[routes_key]), title=TITLE, version=VERSION, description=DESCRIPTION
+        ),
         fetch,
         jwt=settings.jwt_enabled,
         public_url=settings.gateway_public_url,
@@ -236,7 +179,9 @@ async def openapi_ctx(app: web.Application) -> AsyncIterator[None]:
     app[api_document_key] = document
     await document.update()
     document.start()
+    plane.api_document = document
     yield
+    plane.api_document = None
     await document.close()
 
 
@@ -264,14 +209,15 @@ async def access_log_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(
     settings: GatewaySettings, metrics: Metrics | None = None, policies: Policies | None = None
 ) -> web.Application:
-    """The public app; `metrics` is shared with the admin app that serves it. `policies`
-    default to GATEWAY_RATELIMIT_CONFIG's (PolicyError if that file is unusable)."""
+    """The gateway's composition root: its resources as cleanup contexts, its data plane
+    (gateway.edge) under `plane_key`, listening once gateway.server says so. `metrics` is
+    shared with the admin app that serves it. `policies` default to GATEWAY_RATELIMIT_CONFIG's
+    (PolicyError if that file is unusable)."""
     metrics = metrics if metrics is not None else Metrics()
     lifecycle = Lifecycle()
     metrics.track_inflight(lambda: lifecycle.inflight)
-    proxy = Proxy(settings, metrics)
     access_log = AccessLog(settings.gateway_log_format) if settings.gateway_access_log else None
-    edge = make_edge(lifecycle, metrics, access_log)
+    plane = DataPlane(settings, metrics, lifecycle, access_log)
     app = web.Application()
     if access_log is not None:
         app[access_log_key] = access_log
@@ -279,11 +225,13 @@ def create_app(
     app[settings_key] = settings
     app[metrics_key] = metrics
     app[lifecycle_key] = lifecycle
-    app[proxy_key] = proxy
+    app[plane_key] = plane
+    app[routes_key] = public_routes(TITLE, challenges_on_api_port(settings))
     if multiprocess_dir() is not None:
         app.cleanup_ctx.append(inflight_ctx)
+    app.cleanup_ctx.append(plane_ctx)
     app.cleanup_ctx.append(redis_ctx)
-    app.cleanup_ctx.append(proxy_ctx)
+    app.cleanup_ctx.append(session_ctx)
     if settings.gateway_ratelimit_enabled:
         if policies is None:
             policies = load_policies(
@@ -295,10 +243,18 @@ def create_app(
         logger.warning("rate limiting is off (GATEWAY_RATELIMIT_ENABLED=false)")
     if settings.jwt_enabled:
         app.cleanup_ctx.append(tokens_ctx)
-    app.router.add_get("/healthz", edge(healthz, "/healthz"))
-    app.router.add_get("/readyz", edge(readyz, "/readyz"))
-    app.router.add_get("/openapi.json", edge(openapi, "/openapi.json"))
-    add_docs(app, title="PixelCraft API", wrap=edge)
     app.cleanup_ctx.append(openapi_ctx)
-    app.router.add_route("*", "/{tail:.*}", edge(proxy.handle, None))
     return app
+
+
+def redirects_to_https(settings: GatewaySettings) -> bool:
+    """With TLS, the HTTP port redirects to HTTPS (and serves challenges) unless told not to."""
+    return settings.tls_enabled and settings.gateway_https_redirect
+
+
+def challenges_on_api_port(settings: GatewaySettings) -> Challenges | None:
+    """TLS off (or no redirect) with GATEWAY_ACME_WEBROOT set: challenges sit beside the API,
+    to get the first certificate."""
+    if settings.gateway_acme_webroot is None or redirects_to_https(settings):
+        return None
+    return Challenges(settings.gateway_acme_webroot)

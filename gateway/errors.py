@@ -34,6 +34,68 @@ class BadHeader(GatewayError):
         self.members["header"] = header
 
 
+class BadRequest(GatewayError):
+    """The request cannot be read as HTTP/1.1 the gateway serves: framing, target, version."""
+
+    status = 400
+    title = "Bad Request"
+
+    def __init__(self, detail: str, header: str | None = None) -> None:
+        super().__init__(detail)
+        if header is not None:
+            self.members["header"] = header
+
+
+class MethodNotAllowed(GatewayError):
+    """The method is not served on this path (or at all, for CONNECT); `Allow` says what is."""
+
+    status = 405
+    title = "Method Not Allowed"
+
+    def __init__(self, detail: str, allow: str) -> None:
+        super().__init__(detail)
+        self.headers["Allow"] = allow
+
+
+class RequestTimeout(GatewayError):
+    """The request body went silent for longer than GATEWAY_CLIENT_BODY_TIMEOUT."""
+
+    status = 408
+    title = "Request Timeout"
+
+
+class ExpectationFailed(GatewayError):
+    """An `Expect` other than 100-continue (RFC 9110 §10.1.1)."""
+
+    status = 417
+    title = "Expectation Failed"
+
+
+class TargetTooLong(GatewayError):
+    """The request target is longer than the gateway accepts."""
+
+    status = 414
+    title = "URI Too Long"
+
+
+class HeadersTooLarge(GatewayError):
+    """The request line or the header section is over the gateway's limits."""
+
+    status = 431
+    title = "Request Header Fields Too Large"
+
+
+class BodyBufferFull(GatewayError):
+    """Request bodies held in memory have reached GATEWAY_CLIENT_BODY_BUFFER_TOTAL_BYTES."""
+
+    status = 503
+    title = "Service Unavailable"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.headers["Retry-After"] = str(retry_after)
+
+
 class Unauthorized(GatewayError):
     """The bearer token is invalid or expired (RFC 6750 §3.1 invalid_token)."""
 

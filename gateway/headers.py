@@ -1,87 +1,11 @@
-"""Header rewriting for forwarding, pure: hop-by-hop removal and the X-Forwarded-* set.
-
-RFC 9110 §7.6.1: a proxy removes `Connection`, every header it names, and the hop-by-hop
-headers `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding`, `Upgrade`; `Trailer`
-too, since this proxy does not forward trailers.
-"""
+"""The headers the gateway composes, pure: the RateLimit fields of a decision, and
+X-Forwarded-For through a trusted proxy."""
 
 from __future__ import annotations
 
 import math
 
-from multidict import CIMultiDict, CIMultiDictProxy
-
 from gateway.ratelimit import Decision, Verdict
-
-HOP_BY_HOP = (
-    "Connection",
-    "Keep-Alive",
-    "Proxy-Connection",
-    "TE",
-    "Trailer",
-    "Transfer-Encoding",
-    "Upgrade",
-)
-
-# Set by the gateway itself on the way in; a client's own values must not pass.
-GATEWAY_SET = ("Host", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host",
-               "X-Request-Id", "X-User-Id", "Expect")  # fmt: skip
-
-SERVER = "pixelcraft"  # neutral: no product versions for scanners
-
-# Set by the gateway on the way out.
-RESPONSE_SET = ("Server", "X-Request-Id")
-
-
-def _strip_hop_by_hop(headers: CIMultiDict[str]) -> None:
-    named = headers.getall("Connection", ())
-    for name in HOP_BY_HOP:
-        headers.popall(name, None)
-    for value in named:
-        for token in value.split(","):
-            token = token.strip()
-            if token:
-                headers.popall(token, None)
-
-
-def upstream_request_headers(
-    incoming: CIMultiDictProxy[str],
-    *,
-    forwarded_for: str,
-    proto: str,
-    host: str,
-    request_id: str,
-    user_id: str,
-) -> CIMultiDict[str]:
-    """What the upstream receives: the client's end-to-end headers plus the gateway's own."""
-    out = CIMultiDict(incoming)
-    _strip_hop_by_hop(out)
-    for name in GATEWAY_SET:
-        out.popall(name, None)
-    out["X-Forwarded-For"] = forwarded_for
-    out["X-Forwarded-Proto"] = proto
-    out["X-Forwarded-Host"] = host
-    out["X-Request-Id"] = request_id
-    out["X-User-Id"] = user_id
-    if "Accept-Encoding" not in out:
-        # Bodies pass through undecoded: without this the HTTP client would offer gzip on the
-        # client's behalf and hand it a body it never asked for. (Cheaper than the client's
-        # skip_auto_headers, which copies the headers on every request.)
-        out["Accept-Encoding"] = "identity"
-    return out
-
-
-def client_response_headers(
-    upstream: CIMultiDictProxy[str], *, request_id: str
-) -> CIMultiDict[str]:
-    """What the client receives: the upstream's end-to-end headers plus the gateway's own."""
-    out = CIMultiDict(upstream)
-    _strip_hop_by_hop(out)
-    for name in RESPONSE_SET:
-        out.popall(name, None)
-    out["Server"] = SERVER
-    out["X-Request-Id"] = request_id
-    return out
 
 
 def append_forwarded_for(existing: list[str], peer: str) -> str:

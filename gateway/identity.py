@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from aiohttp import web
-
 from gateway.errors import BadHeader, Unauthorized
 from gateway.tokens import InvalidToken, TokenVerifier, bearer_token
 
@@ -82,9 +80,8 @@ def client_of(peer: str, forwarded_for: Sequence[str], trusted: Sequence[IPNetwo
     return Client(str(current), True)
 
 
-def header_user(request: web.BaseRequest) -> str | None:
+def header_user(values: Sequence[str]) -> str | None:
     """A well-formed, single X-User-Id, None when absent; BadHeader otherwise."""
-    values = request.headers.getall("X-User-Id", ())
     if not values:
         return None
     if len(values) > 1:
@@ -94,17 +91,18 @@ def header_user(request: web.BaseRequest) -> str | None:
     return values[0]
 
 
-def resolve_plain(request: web.BaseRequest, client: str) -> Identity:
+def resolve_plain(user_ids: Sequence[str], client: str) -> Identity:
     """Not in JWT mode: a well-formed X-User-Id, else the client address."""
-    user = header_user(request)
+    user = header_user(user_ids)
     if user is not None:
         return Identity("header", user)
     return Identity("ip", client)
 
 
-async def resolve_jwt(request: web.BaseRequest, client: str, verifier: TokenVerifier) -> Identity:
+async def resolve_jwt(
+    authorization: Sequence[str], client: str, verifier: TokenVerifier
+) -> Identity:
     """JWT mode: a verified bearer token's `sub`, else the client address (never X-User-Id)."""
-    authorization = request.headers.getall("Authorization", ())
     if len(authorization) > 1:
         raise BadHeader("Authorization", "sent more than once")
     try:

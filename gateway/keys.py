@@ -6,16 +6,18 @@ from aiohttp import web
 from redis.asyncio import Redis, RedisCluster
 
 from gateway.accesslog import AccessLog
+from gateway.edge.plane import DataPlane
+from gateway.edge.routes import Routes
 from gateway.lifecycle import Lifecycle
 from gateway.openapi import ApiDocument
 from gateway.policies import Policies
-from gateway.proxy import Proxy
 from gateway.ratelimit import Limiter
 from gateway.settings import GatewaySettings
 
 settings_key = web.AppKey("settings", GatewaySettings)
 redis_key: web.AppKey[Redis | RedisCluster] = web.AppKey("redis")
-proxy_key = web.AppKey("proxy", Proxy)
+plane_key = web.AppKey("plane", DataPlane)
+routes_key = web.AppKey("routes", Routes)  # the public port's own routes
 lifecycle_key = web.AppKey("lifecycle", Lifecycle)
 access_log_key = web.AppKey("access_log", AccessLog)
 policies_key = web.AppKey("policies", Policies)  # as loaded at boot; the limiter holds the live set

@@ -63,6 +63,11 @@ class GatewaySettings(BaseSettings):
     gateway_upstream_pool_size: Annotated[int, Field(ge=1, le=10_000)] = 256
     gateway_header_timeout: Seconds = 10.0
     gateway_keepalive_timeout: Seconds = 75.0
+    gateway_client_body_timeout: Seconds = 30.0
+    gateway_client_body_buffer_bytes: Annotated[int, Field(ge=65_536, le=64 << 20)] = 256 << 10
+    gateway_client_body_buffer_total_bytes: Annotated[int, Field(ge=65_536)] = 64 << 20
+    gateway_tls_handshake_timeout: Seconds = 10.0
+    gateway_websocket_idle_timeout: Seconds = 300.0
     gateway_access_log: bool = True
     gateway_public_url: str | None = None
     gateway_openapi_refresh_seconds: Annotated[float, Field(ge=1)] = 60.0
@@ -159,6 +164,14 @@ class GatewaySettings(BaseSettings):
         if value is not None and len(value.get_secret_value().encode()) < 32:
             raise ValueError("must be at least 32 bytes long (RFC 7518 §3.2)")
         return value
+
+    @field_validator("gateway_client_body_buffer_total_bytes")
+    @classmethod
+    def _total_holds_one(cls, total: int, info: ValidationInfo) -> int:
+        one = info.data.get("gateway_client_body_buffer_bytes")
+        if one is not None and total < one:
+            raise ValueError("must be at least GATEWAY_CLIENT_BODY_BUFFER_BYTES")
+        return total
 
     @property
     def sentinels(self) -> list[tuple[str, int]]:

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 # https://ssl-config.mozilla.org/guidelines/5.7.json, "intermediate": TLS 1.2 and 1.3; these
 # TLS 1.2 suites (OpenSSL's default TLS 1.3 suites are the profile's); the client's preference
 # (ChaCha20 for phones without AES instructions); no renegotiation, no session tickets (their
-# key would never rotate); HSTS for two years. Groups: gateway/openssl.cnf.
+# key would never rotate). Groups: gateway/openssl.cnf. (HSTS, two years: gateway.edge.wire.)
 CIPHERS = ":".join(
     (
         "ECDHE-ECDSA-AES128-GCM-SHA256",
@@ -54,7 +54,6 @@ CIPHERS = ":".join(
         "ECDHE-RSA-CHACHA20-POLY1305",
     )
 )
-HSTS = "max-age=63072000"
 EXPIRY_WARNING = timedelta(days=14)
 OPENSSL_CNF = Path(__file__).with_name("openssl.cnf")  # set by gateway.openssl_conf
 

@@ -1,9 +1,9 @@
 """OpenAPI 3 documents from aiohttp-apispec annotations, and an offline Swagger UI at /docs.
 
 Handlers carry their operation (summary, description, parameters, requestBody, responses with
-marshmallow schemas) through aiohttp-apispec's `docs` decorator; `build_spec` turns the routes of
-an app into an OpenAPI 3.0 document with apispec's marshmallow plugin. (aiohttp-apispec's own
-generator writes OpenAPI 2 only.) `/docs` is Swagger UI from the assets aiohttp-apispec ships,
+marshmallow schemas) through aiohttp-apispec's `docs` decorator; `build_spec` turns routes into
+an OpenAPI 3.0 document with apispec's marshmallow plugin. (aiohttp-apispec's own generator
+writes OpenAPI 2 only.) `/docs` is Swagger UI from the assets aiohttp-apispec ships,
 served by the service itself: no CDN, no validator badge, nothing off-origin.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import html
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -47,10 +47,22 @@ def operation_of(handler: Any) -> dict[str, Any] | None:
     return None
 
 
+Operation = tuple[str, str, Any]  # (method, path template, handler)
+
+
+def app_operations(app: web.Application) -> list[Operation]:
+    """Every route of an aiohttp app, as build_spec takes them."""
+    return [
+        (route.method, route.resource.canonical, route.handler)
+        for route in app.router.routes()
+        if route.resource is not None and route.resource.canonical
+    ]
+
+
 def build_spec(
-    app: web.Application, *, title: str, version: str, description: str
+    routes: Iterable[Operation], *, title: str, version: str, description: str
 ) -> dict[str, Any]:
-    """The OpenAPI 3 document of every documented route of `app`."""
+    """The OpenAPI 3 document of every documented route."""
     spec = APISpec(
         title=title,
         version=version,
@@ -58,13 +70,11 @@ def build_spec(
         plugins=[MarshmallowPlugin()],
         info={"description": description},
     )
-    for route in app.router.routes():
-        operation = operation_of(route.handler)
-        if operation is None or route.method == "HEAD":
+    for method, path, handler in routes:
+        operation = operation_of(handler)
+        if operation is None or method.upper() == "HEAD":
             continue
-        path = route.resource.canonical if route.resource is not None else None
-        if path:
-            spec.path(path=path, operations={route.method.lower(): operation})
+        spec.path(path=path, operations={method.lower(): operation})
     document: dict[str, Any] = spec.to_dict()
     return document
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pixelcraft.openapi import add_docs, build_spec, json_bytes
+from pixelcraft.openapi import add_docs, app_operations, build_spec, json_bytes
 from upstream import handlers
 from upstream.db import pool_ctx
 from upstream.keys import provider_key, settings_key, tasks_key
@@ -90,7 +90,12 @@ def create_app(settings: UpstreamSettings, *, provider: Provider | None = None) 
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", metrics_handler)  # undocumented: not part of the public API
     document = json_bytes(
-        build_spec(app, title="PixelCraft chat service", version=VERSION, description=DESCRIPTION)
+        build_spec(
+            app_operations(app),
+            title="PixelCraft chat service",
+            version=VERSION,
+            description=DESCRIPTION,
+        )
     )
 
     async def openapi(request: web.Request) -> web.Response:

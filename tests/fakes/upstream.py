@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
+from aiohttp.typedefs import Handler
 
 
 @dataclass
@@ -15,6 +16,8 @@ class UpstreamState:
     """What the fake saw, and the levers a test pulls."""
 
     requests: list[dict[str, object]] = field(default_factory=list)
+    seen: list[tuple[str, str]] = field(default_factory=list)  # (method, raw path) proxied
+    sent: int = 0  # bytes /source has written so far
     events: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     written: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
@@ -138,12 +141,24 @@ async def source(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     block = b"z" * 65536
     sent = 0
+    state = request.app[state_key]
     while sent < total:
         part = block[: min(len(block), total - sent)]
         await response.write(part)
         sent += len(part)
+        state.sent = sent
     await response.write_eof()
     return response
+
+
+async def slow_sink(request: web.Request) -> web.Response:
+    """Reads the request body only once the test sets `release` (upload flow control)."""
+    state = request.app[state_key]
+    await state.release.wait()
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+    return web.json_response({"body_bytes": size})
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -164,8 +179,17 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+@web.middleware
+async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request a client sent through the gateway (they carry X-Request-Id; the
+    gateway's own, its boot check and OpenAPI fetch, do not), whatever its route."""
+    if "X-Request-Id" in request.headers:
+        request.app[state_key].seen.append((request.method, request.raw_path))
+    return await handler(request)
+
+
 def create_fake_upstream(state: UpstreamState | None = None) -> web.Application:
-    app = web.Application(client_max_size=1 << 31)
+    app = web.Application(client_max_size=1 << 31, middlewares=[record])
     app[state_key] = state if state is not None else UpstreamState()
     app.router.add_route("*", "/echo{tail:.*}", echo)
     app.router.add_get("/sse", sse)
@@ -177,5 +201,6 @@ def create_fake_upstream(state: UpstreamState | None = None) -> web.Application:
     app.router.add_get("/hop", hop_by_hop)
     app.router.add_get("/source", source)
     app.router.add_get("/ws", websocket)
+    app.router.add_post("/slow-sink", slow_sink)
     app.router.add_get("/healthz", healthz)
     return app

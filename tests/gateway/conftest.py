@@ -13,9 +13,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
+from yarl import URL
 
-from gateway.app import create_app
+from gateway.server import Gateway
 from gateway.settings import GatewaySettings
 from tests.conftest import service_env, wait_until
 from tests.fakes.upstream import UpstreamState, create_fake_upstream
@@ -77,6 +79,38 @@ async def chat_service(aiohttp_server: Any, database_url: str) -> str:
 GatewayFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
+class GatewayServer(BaseTestServer):
+    """The gateway in this process on a real socket: its app's contexts started and its data
+    plane listening, as `python -m gateway` does minus the signals. `app` is the gateway app
+    (its AppKeys: metrics, access log, lifecycle, plane)."""
+
+    def __init__(self, settings: GatewaySettings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gateway = Gateway(settings)
+        self.app = self.gateway.app
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return self.gateway.runner
+
+    async def start_server(self, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any) -> None:
+        if self.runner:
+            return
+        await self.gateway.start()
+        self.runner = self.gateway.runner
+        sock = self.socket_factory(self.host, self.port or 0, socket.AF_INET)
+        self.host, self.port = sock.getsockname()[:2]
+        await self.gateway.plane.listen(self.gateway.api_site(tls=False), None, None, sock=sock)
+        self.scheme = "http"
+        self._root = URL(f"http://{self.host}:{self.port}")
+
+    async def close(self) -> None:
+        if self.started and not self.closed:
+            await self.gateway.close()
+            self._root = None
+            self.port = None
+            self._closed = True
+
+
 @pytest.fixture
 def make_gateway(
     aiohttp_client: Any, gateway_settings: Callable[..., GatewaySettings]
@@ -85,7 +119,7 @@ def make_gateway(
 
     async def start(upstream_url: str, **overrides: Any) -> TestClient[Any, Any]:
         client: TestClient[Any, Any] = await aiohttp_client(
-            create_app(gateway_settings(upstream_url, **overrides))
+            GatewayServer(gateway_settings(upstream_url, **overrides))
         )
         return client
 
