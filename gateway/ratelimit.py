@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from gateway.buckets import BucketsUnavailable, LocalBuckets, RedisBuckets, Reply, Take
-from gateway.errors import LimiterUnavailable, RateLimited
+from gateway.errors import GatewayError, LimiterUnavailable, RateLimited
 from gateway.identity import Identity
 from gateway.leases import Lease, Leases, LeasesUnavailable
 from gateway.metrics import Metrics
@@ -150,6 +150,7 @@ class Limiter:
         self._slow = 0  # deadlines missed in a row
         self.degraded_since: float | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._checks: set[asyncio.Task[None]] = set()  # check_soon's general case
         self._children: dict[tuple[str, str], Any] = {}
         self._takes: dict[tuple[str, str, str], Take] = {}
         self.policies = policies
@@ -171,6 +172,8 @@ class Limiter:
 
     async def close(self) -> None:
         await cancel(self._probe)
+        for task in list(self._checks):
+            await cancel(task)
         await self.buckets.close()
         await self.leases.close()
 
@@ -256,6 +259,53 @@ class Limiter:
             await self._lease(policy, identity, decision, takes)
         return decision
 
+    def check_soon(
+        self,
+        method: str,
+        path: str,
+        identity: Identity,
+        address: str,
+        body_bytes: int | None,
+        done: Callable[[Decision | None, GatewayError | None], None],
+    ) -> None:
+        """`check()` for a caller with no task of its own (the data plane): `done(decision,
+        None)` or `done(None, error)` is called once, maybe before this returns. The common
+        case (buckets only, Redis healthy) costs a future and a callback, not a task."""
+        policy, policies, takes = self.plan(method, path, identity, address, body_bytes)
+        if not takes and policy.concurrent is None:
+            done(None, None)
+            return
+        if policy.tokens is None and policy.concurrent is None and self.healthy:
+
+            def decided(future: asyncio.Future[list[Reply]]) -> None:
+                if future.cancelled():
+                    done(None, LimiterUnavailable("the gateway is stopping", CLOSED_RETRY_AFTER))
+                    return
+                try:
+                    if future.exception() is None:
+                        decision = self._verdicts(policies, takes, future.result())
+                    else:
+                        decision = self._degraded(takes, policies, transient=self.healthy)
+                except LimiterUnavailable as exc:
+                    done(None, exc)
+                    return
+                done(decision, None)
+
+            self.buckets.take(takes).add_done_callback(decided)
+            return
+
+        async def general() -> None:
+            try:
+                decision = await self.check(method, path, identity, address, body_bytes)
+            except GatewayError as exc:
+                done(None, exc)
+            else:
+                done(decision, None)
+
+        task = asyncio.get_running_loop().create_task(general())
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
     async def _buckets(self, policies: list[Policy], takes: list[Take]) -> Decision:
         if not takes:
             return Decision((), True)
@@ -268,23 +318,28 @@ class Limiter:
                 # metered: failing a `closed` policy over one slow round trip would turn
                 # away requests that Redis would have admitted.
                 return self._degraded(takes, policies, transient=self.healthy)
-            else:
-                verdicts = tuple([Verdict(p, *r) for p, r in zip(policies, replies, strict=True)])
-                allowed = True
-                for verdict in verdicts:
-                    if verdict.allowed:
-                        self._count(verdict.policy.name, "allowed")
-                    else:
-                        allowed = False
-                        self._count(verdict.policy.name, "limited")
-                if allowed or len(verdicts) == 1:
-                    return Decision(verdicts, allowed)
-                if self.buckets.atomic:  # nothing was taken from any bucket
-                    return Decision(verdicts, False)
-                # Cluster: the buckets that had room did pay; pay them back
-                self._pay_back(t for t, v in zip(takes, verdicts, strict=True) if v.allowed)
-                return Decision(refunded(verdicts, takes), False)
+            return self._verdicts(policies, takes, replies)
         return self._degraded(takes, policies)
+
+    def _verdicts(
+        self, policies: list[Policy], takes: list[Take], replies: list[Reply]
+    ) -> Decision:
+        """The decision Redis's replies make, counted."""
+        verdicts = tuple([Verdict(p, *r) for p, r in zip(policies, replies, strict=True)])
+        allowed = True
+        for verdict in verdicts:
+            if verdict.allowed:
+                self._count(verdict.policy.name, "allowed")
+            else:
+                allowed = False
+                self._count(verdict.policy.name, "limited")
+        if allowed or len(verdicts) == 1:
+            return Decision(verdicts, allowed)
+        if self.buckets.atomic:  # nothing was taken from any bucket
+            return Decision(verdicts, False)
+        # Cluster: the buckets that had room did pay; pay them back
+        self._pay_back(t for t, v in zip(takes, verdicts, strict=True) if v.allowed)
+        return Decision(refunded(verdicts, takes), False)
 
     async def _lease(
         self, policy: Policy, identity: Identity, decision: Decision, takes: list[Take]

@@ -80,6 +80,7 @@ class Connection(asyncio.Protocol):
         self.upgrade_rest = b""
         self.timer: asyncio.TimerHandle | None = None
         self.timer_kind = 0
+        self.deadline = 0.0
         self.body_seen = 0.0
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
@@ -128,6 +129,8 @@ class Connection(asyncio.Protocol):
             self._refuse(BadRequest(f"malformed request: {exc}"))
             return
         if self.in_head:
+            if self.timer_kind != HEADER:  # a head that takes more than one read: slowloris?
+                self._arm(HEADER, self.plane.header_timeout)
             # The head continues in the next read. llhttp holds the line in progress (a
             # header's partial value) in memory: count it too. Lines cannot hold a LF, so it
             # is what follows the last one.
@@ -144,7 +147,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.stopped = True
-        self._disarm()
+        self._cancel_timer()
         self.plane.connections.discard(self)
         active, self.active = self.active, None
         self.queue.clear()
@@ -176,8 +179,6 @@ class Connection(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.head_bytes = 0
-        if self.timer_kind == KEEPALIVE:
-            self._arm(HEADER, self.plane.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -333,7 +334,7 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         """After the answers written so far."""
         self.closing = True
-        self._disarm()
+        self._cancel_timer()
         if self.transport is not None:
             self.transport.close()
 
@@ -341,7 +342,7 @@ class Connection(asyncio.Protocol):
         """Now, unflushed bytes and all: the peer must see a broken connection."""
         self.closing = True
         self.stopped = True
-        self._disarm()
+        self._cancel_timer()
         if self.transport is not None:
             self.transport.abort()
 
@@ -370,7 +371,7 @@ class Connection(asyncio.Protocol):
         followed the upgrade request go with it)."""
         self.closing = True
         self.stopped = True
-        self._disarm()
+        self._cancel_timer()
         self.plane.connections.discard(self)
         assert self.transport is not None
         return self.transport
@@ -378,44 +379,55 @@ class Connection(asyncio.Protocol):
     # --- the timer ------------------------------------------------------------------------------
 
     def _arm(self, kind: int, seconds: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        """Set the connection's deadline. Lazy: a timer due earlier stays and re-arms itself
+        when it fires, so a busy keep-alive connection makes no timer per request."""
         self.timer_kind = kind
-        self.timer = self.loop.call_later(seconds, self._expired)
+        due = self.deadline = self.loop.time() + seconds
+        timer = self.timer
+        if timer is not None:
+            if timer.when() <= due:
+                return
+            timer.cancel()
+        self.timer = self.loop.call_at(due, self._expired)
 
     def _disarm(self) -> None:
+        self.timer_kind = 0  # the timer, if any, finds nothing to do when it fires
+
+    def _cancel_timer(self) -> None:
+        self.timer_kind = 0
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.timer_kind = 0
 
     def _expired(self) -> None:
-        kind = self.timer_kind
         self.timer = None
-        self.timer_kind = 0
+        kind = self.timer_kind
+        if not kind:
+            return
+        now = self.loop.time()
         if kind == BODY_SILENCE:
-            exchange = self.parsing
-            if exchange is None:
+            if self.parsing is None:
                 return
-            plane = self.plane
-            now = self.loop.time()
             if self.reading.blocked:  # paused by the gateway: not the client's silence
                 self.body_seen = now
-            due = self.body_seen + plane.body_timeout
-            if now < due:
-                self._arm(BODY_SILENCE, due - now)
-                return
-            self.parsing = None
-            exchange.body_timeout()
+            self.deadline = self.body_seen + self.plane.body_timeout
+        if now < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._expired)
+            return
+        self.timer_kind = 0
+        if kind == BODY_SILENCE:
+            exchange, self.parsing = self.parsing, None
+            if exchange is not None:
+                exchange.body_timeout()
+            return
+        if self.transport is None:
             return
         if kind == LINGER:
-            if self.transport is not None:
-                self.transport.abort()
+            self.transport.abort()
             return
         # The header deadline or keep-alive idleness: nothing to answer, the connection ends.
-        if self.transport is not None:
-            self.closing = True
-            self.transport.close()
+        self.closing = True
+        self.transport.close()
 
 
 def _within(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:

@@ -116,7 +116,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Abort: the connection cannot be reused (the exchange failed, or the client left)."""
-        self._unwatch()
+        self._stop_timer()
         self.owner = None
         if self.transport is not None and not self.closed:
             self.closed = True
@@ -124,7 +124,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def detach(self) -> asyncio.Transport:
         """For a tunnel: the transport leaves the pool's accounting and this protocol."""
-        self._unwatch()
+        self._stop_timer()
         self.owner = None
         self.closed = True
         self.pool.lost(self)
@@ -134,13 +134,22 @@ class UpstreamConnection(asyncio.Protocol):
     # --- timers ----------------------------------------------------------------------------
 
     def _watch(self, what: int, seconds: float) -> None:
+        """Watch for silence. Lazy, like the client side's timer: one due earlier stays and
+        re-arms itself, so a busy pooled connection makes no timer per request."""
         self.watching = what
         self.limit = seconds
-        self.last = self.loop.time()
-        if self.timer is None:
-            self.timer = self.loop.call_at(self.last + seconds, self._check)
+        now = self.last = self.loop.time()
+        timer = self.timer
+        if timer is not None:
+            if timer.when() <= now + seconds:
+                return
+            timer.cancel()
+        self.timer = self.loop.call_at(now + seconds, self._check)
 
     def _unwatch(self) -> None:
+        self.watching = NONE  # the timer, if any, finds nothing to do when it fires
+
+    def _stop_timer(self) -> None:
         self.watching = NONE
         if self.timer is not None:
             self.timer.cancel()
@@ -186,7 +195,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._unwatch()
+        self._stop_timer()
         owner, self.owner = self.owner, None
         self.pool.lost(self)
         if owner is not None:
