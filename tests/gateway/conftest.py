@@ -92,7 +92,9 @@ class GatewayServer(BaseTestServer):
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
         return self.gateway.runner
 
-    async def start_server(self, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any) -> None:
+    async def start_server(
+        self, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any
+    ) -> None:
         if self.runner:
             return
         await self.gateway.start()

@@ -20,7 +20,7 @@ from gateway.edge.wire import printable
 from gateway.keys import access_log_key, plane_key
 from tests.conftest import wait_until
 from tests.gateway.conftest import FakeUpstream, GatewayFactory
-from tests.gateway.rawhttp import OPEN, RawResponse, connect, read_response, send
+from tests.gateway.rawhttp import RawResponse, connect, read_response, send
 
 HOST = b"Host: chat.example.com\r\n"
 
@@ -111,7 +111,9 @@ async def test_oversized_heads_are_refused(
     upstream: FakeUpstream, make_gateway: GatewayFactory
 ) -> None:
     client = await make_gateway(upstream.url)
-    (response,), _ = await send(client.port, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    (response,), _ = await send(
+        client.port, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     assert response.status == 414
     many = b"".join(b"X-%d: y\r\n" % i for i in range(101))
     (response,), _ = await send(client.port, b"GET /echo HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
@@ -138,7 +140,9 @@ async def test_absolute_form_is_answered_and_never_changes_the_destination(
     assert upstream.state.seen == [("GET", "/echo/x?q=1")]
     # RFC 9112 §3.2.2: the target's authority stands in for Host.
     assert seen_headers(upstream)["x-forwarded-host"] == ["evil.example:9999"]
-    (response,), _ = await send(client.port, b"GET ftp://evil.example/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    (response,), _ = await send(
+        client.port, b"GET ftp://evil.example/x HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     assert response.status == 400
     assert len(upstream.state.seen) == 1
 
@@ -168,7 +172,8 @@ async def test_pipelined_requests_are_answered_in_order_behind_a_429(
     client = await make_gateway(upstream.url, gateway_ratelimit_config=policies)
     spent, fresh = uuid.uuid4().hex, uuid.uuid4().hex
     (warm,), _ = await send(
-        client.port, b"GET /echo HTTP/1.1\r\nHost: x\r\nX-User-Id: %s\r\n\r\n" % spent.encode(),
+        client.port,
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nX-User-Id: %s\r\n\r\n" % spent.encode(),
         closes=False,
     )
     assert warm.status == 200
@@ -244,7 +249,10 @@ async def test_a_trusted_proxy_may_pass_forwarded_and_x_real_ip(
     upstream: FakeUpstream, make_gateway: GatewayFactory
 ) -> None:
     client = await make_gateway(upstream.url, gateway_trusted_proxies="127.0.0.1/32")
-    data = b"GET /echo HTTP/1.1\r\nHost: x\r\nForwarded: for=203.0.113.9\r\nX-Real-IP: 203.0.113.9\r\n\r\n"
+    data = (
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nForwarded: for=203.0.113.9\r\n"
+        b"X-Real-IP: 203.0.113.9\r\n\r\n"
+    )
     await send(client.port, data, closes=False)
     headers = seen_headers(upstream)
     assert headers["forwarded"] == ["for=203.0.113.9"]
@@ -352,7 +360,7 @@ async def test_slow_bodies_never_hold_the_upstream_pool(
     )
     tricklers = []
     for _ in range(100):
-        reader, writer = await connect(client.port, local="127.0.0.2")
+        _reader, writer = await connect(client.port, local="127.0.0.2")
         writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\nabc")
         tricklers.append(writer)
     for writer in tricklers:
@@ -376,8 +384,10 @@ async def test_stalled_uploads_get_408_and_are_closed(
     upstream: FakeUpstream, make_gateway: GatewayFactory, chunked: bool
 ) -> None:
     client = await make_gateway(upstream.url, gateway_client_body_timeout=0.5)
-    framing = b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n" if chunked else (
-        b"Content-Length: 1000000\r\n\r\nabc"
+    framing = (
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+        if chunked
+        else (b"Content-Length: 1000000\r\n\r\nabc")
     )
     reader, writer = await connect(client.port)
     writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\n" + framing)
@@ -430,7 +440,8 @@ async def test_body_buffers_are_bounded_in_total(
     plane = client.server.app[plane_key]
     await wait_until(lambda: plane.buffered == 192000, within=5)
     (response,), _ = await send(
-        client.port, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n" + b"z" * 20000
+        client.port,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n" + b"z" * 20000,
     )
     assert response.status == 503 and response.header("Retry-After") == "1"
     for reader, writer in holders:  # the held ones complete normally
