@@ -2,11 +2,13 @@
 
 RedisBuckets runs `lua/token_bucket.lua` by EVALSHA (loaded once; NOSCRIPT, after a Redis
 restart or on a new Cluster node, loads it again and retries). One script call per request
-takes from all of its buckets at once, all or nothing. Calls are coalesced: a single flusher
-task sends whatever requests queued while the previous round trip was out, as one pipelined
-write on a connection of its own, and reads the replies in order. Under load that is one round
-trip for many requests, which is what keeps the limiter's cost per request small. Every round
-trip has a deadline; a failure of any kind is one BucketsUnavailable for the whole batch.
+takes from all of its buckets at once, all or nothing. Calls are coalesced: whatever requests
+queued while the previous round trip was out go as one pipelined write on a connection of the
+limiter's own (gateway.resp: hiredis parses the replies in the protocol, no await per reply),
+and each request's callback gets its replies. One batch is out at a time, and each has a
+deadline (a timer, armed when the batch starts, connecting included): whatever happens, every
+request is answered within it. Any failure of any kind (down, stalled, refusing, a bug of ours)
+is one BucketsUnavailable for the whole batch; the next batch starts afresh.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 from redis.asyncio import RedisCluster
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError
 
+from gateway.resp import RespWire, pack, release, take_over
 from pixelcraft.aio import cancel
 
 logger = logging.getLogger(__name__)
@@ -62,15 +65,16 @@ class Reply(NamedTuple):
     reset: float  # until the bucket is full
 
 
-Batch = list[tuple[Sequence[Take], "asyncio.Future[list[Reply]]"]]
-
-
 def _replies(flat: Sequence[int], count: int) -> list[Reply]:
     """The script's flat integers, five per bucket, as Replies."""
     return [
         Reply(flat[i] == 1, flat[i + 1], flat[i + 2] / 1e6, flat[i + 3] / 1e6, flat[i + 4] / 1e6)
         for i in range(0, 5 * count, 5)
     ]
+
+
+Deliver = Callable[[list[Reply] | None, BaseException | None], None]
+Batch = list[tuple[Sequence[Take], Deliver]]
 
 
 class RedisBuckets:
@@ -100,129 +104,256 @@ class RedisBuckets:
         self._on_round_trip = on_round_trip
         self._on_error = on_error
         self._pending: Batch = []
-        self._wakeup = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
-        self._conn: Any = None  # the flusher's connection, kept (not on Cluster)
-        self._conn_timeout: float | None = None
+        self._batch: Batch | None = None  # the batch out now
+        self._calls: list[Sequence[Take]] = []
+        self._first: list[Any] = []  # replies of a batch whose NOSCRIPT calls are retried
+        self._scheduled = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._started = 0.0
+        self._wire: RespWire | None = None
+        self._conn: Any = None  # the redis-py connection the wire was taken from
+        self._tasks: set[asyncio.Task[None]] = set()  # connecting; Cluster round trips
         self._args: dict[tuple[str, str, int, int], bytes] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
 
     async def start(self) -> None:
-        """Register the script (every primary, on a Cluster) and start the flusher; RedisError
-        if Redis refuses the script."""
+        """Register the script (every primary, on a Cluster); RedisError if Redis refuses."""
+        self._loop = asyncio.get_running_loop()
         await self.load()
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def load(self) -> None:
         await self.client.script_load(self.source)
 
     async def close(self) -> None:
-        await cancel(self._flusher)
-        self._flusher = None
-        for _, future in self._pending:
-            if not future.done():
-                future.set_exception(BucketsUnavailable("the gateway is stopping"))
-        self._pending = []
+        self.closed = True
+        for task in list(self._tasks):
+            await cancel(task)
+        self._fail(BucketsUnavailable("the gateway is stopping"), count=False)
+        pending, self._pending = self._pending, []
+        for _, deliver in pending:
+            _deliver(deliver, None, BucketsUnavailable("the gateway is stopping"))
         await self._drop_connection()
 
     def take(self, takes: Sequence[Take]) -> asyncio.Future[list[Reply]]:
         """Queue one request's bucket operations; the future gets one Reply per Take."""
-        future: asyncio.Future[list[Reply]] = asyncio.get_running_loop().create_future()
-        self._pending.append((takes, future))
-        self._wakeup.set()
+        future: asyncio.Future[list[Reply]] = self.loop.create_future()
+
+        def deliver(replies: list[Reply] | None, exc: BaseException | None) -> None:
+            if future.done():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(replies)  # type: ignore[arg-type]
+
+        self.take_then(takes, deliver)
         return future
 
-    async def _flush_loop(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            batch, self._pending = self._pending, []
-            if batch:
-                await self._run(batch)
-
-    async def _run(self, batch: Batch) -> None:
-        if self.atomic:
-            calls: list[Sequence[Take]] = [takes for takes, _ in batch]
-        else:
-            calls = [(take,) for takes, _ in batch for take in takes]
-        try:
-            raw = await self.execute(calls)
-        except BucketsUnavailable as exc:
-            self._on_error(exc)
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+    def take_then(self, takes: Sequence[Take], deliver: Deliver) -> None:
+        """`take()` for callers without a task: `deliver(replies, None)` or `deliver(None,
+        BucketsUnavailable)`, once, within the deadline."""
+        if self.closed:
+            deliver(None, BucketsUnavailable("the gateway is stopping"))
             return
-        replies = iter(raw)
-        for takes, future in batch:
-            if self.atomic:
-                result = _replies(next(replies), len(takes))
-            else:
-                result = [_replies(next(replies), 1)[0] for _ in takes]
-            if not future.done():  # its request may have been cancelled meanwhile
-                future.set_result(result)
+        self._pending.append((takes, deliver))
+        if not self._scheduled and self._batch is None:
+            self._scheduled = True
+            self.loop.call_soon(self._flush)
 
-    async def execute(self, calls: Sequence[Sequence[Take]]) -> list[Sequence[int]]:
-        """One pipelined round trip (two if the script must be loaded first), with the
-        deadline; the raw script replies in order."""
-        started = time.perf_counter()
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    # --- one batch at a time ---------------------------------------------------------------
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._batch is not None or not self._pending or self.closed:
+            return
+        batch, self._pending = self._pending, []
+        self._batch = batch
+        self._started = time.perf_counter()
+        self._deadline = self.loop.call_later(self.timeout, self._late)
         try:
-            async with asyncio.timeout(self.timeout):
-                replies = await self._send(calls)
-                missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-                if missing:
-                    await self.load()
-                    again = await self._send([calls[i] for i in missing])
-                    for i, reply in zip(missing, again, strict=True):
-                        replies[i] = reply
-        except TimeoutError:
-            await self._drop_connection()  # replies may be on their way: never read them
-            raise BucketsUnavailable(
-                f"no answer within {self.timeout * 1000:g} ms", slow=True
-            ) from None
-        except (RedisError, OSError) as exc:
-            await self._drop_connection()
-            raise BucketsUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        for reply in replies:
-            if isinstance(reply, Exception):  # the script refused or failed: not a verdict
-                raise BucketsUnavailable(f"script error: {reply}") from reply
-        elapsed = time.perf_counter() - started
-        seconds, micros = replies[-1][-2], replies[-1][-1]
-        # Redis's clock at the middle of the round trip, against ours.
-        self._on_round_trip(elapsed, seconds + micros / 1e6 - (time.time() - elapsed / 2))
-        return replies
+            if self.atomic:
+                self._calls = [takes for takes, _ in batch]
+            else:
+                self._calls = [(take,) for takes, _ in batch for take in takes]
+            if not self.atomic:
+                self._spawn(self._cluster_round_trip(self._calls))
+            elif self._wire is None or self._wire.closed:
+                self._spawn(self._connect())
+            else:
+                self._send(self._calls)
+        except Exception as exc:  # (whatever it is, the batch gets an answer)
+            self._fail(BucketsUnavailable(f"{type(exc).__name__}: {exc}"))
 
-    async def _send(self, calls: Sequence[Sequence[Take]]) -> list[Any]:
-        if not self.atomic:
-            return await self._cluster_pipeline(calls)
-        conn = self._conn
-        if conn is None:
-            # A pool connection the flusher keeps (redis-py made it: TLS, unix socket, AUTH,
-            # Sentinel's current primary), without its socket timeout while kept: the deadline
-            # above bounds the round trip, and asyncio.wait_for per write would cost a task.
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self) -> None:
+        """A connection of the limiter's own (redis-py connects and authenticates it)."""
+        await self._drop_connection()
+        try:
             conn = await self.client.connection_pool.get_connection()
-            self._conn, self._conn_timeout = conn, conn.socket_timeout
-            conn.socket_timeout = None
-        # redis-py's pipeline packs each argument through its encoder and wraps every reply
-        # in a timeout: most of the limiter's CPU, for nothing the deadline does not cover.
-        await conn.send_packed_command(
-            b"".join([self._packed(call) for call in calls]), check_health=False
-        )
-        replies: list[Any] = []
-        for _ in calls:
+            self._conn = conn
+            self._wire = await take_over(conn)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._drop_connection()
+            self._fail(BucketsUnavailable(f"{type(exc).__name__}: {exc}"))
+            return
+        if self._batch is not None:
             try:
-                # inf: no timer per reply; on cancellation redis-py drops the connection.
-                replies.append(await conn.read_response(timeout=math.inf))
-            except ResponseError as exc:  # this reply only; the stream stays in step
-                replies.append(exc)
-        return replies
+                self._send(self._calls)
+            except Exception as exc:
+                self._fail(BucketsUnavailable(f"{type(exc).__name__}: {exc}"))
+
+    def _send(self, calls: Sequence[Sequence[Take]], retried: list[int] | None = None) -> None:
+        wire = self._wire
+        assert wire is not None
+        data = b"".join([self._packed(call) for call in calls])
+        if retried is None:
+            wire.send(data, len(calls), self._replied)
+        else:  # the script first, then the calls that found it missing
+            load = pack("SCRIPT", "LOAD", self.source)
+            wire.send(load + data, len(calls) + 1, lambda r, e: self._replied(r, e, retried))
+
+    def _replied(
+        self,
+        replies: list[Any] | None,
+        error: BaseException | None,
+        retried: list[int] | None = None,
+    ) -> None:
+        batch = self._batch
+        if batch is None:  # the deadline answered it already
+            return
+        try:
+            if error is not None:
+                raise BucketsUnavailable(str(error))
+            assert replies is not None
+            if retried is not None:
+                loaded, *again = replies
+                if isinstance(loaded, Exception):
+                    raise BucketsUnavailable(f"SCRIPT LOAD: {loaded}")
+                replies = list(self._first)
+                for i, reply in zip(retried, again, strict=True):
+                    replies[i] = reply
+            missing = [
+                i for i, r in enumerate(replies)
+                if isinstance(r, Exception) and str(r).startswith("NOSCRIPT")
+            ]  # fmt: skip
+            if missing and retried is None:
+                self._first = replies
+                self._send([self._calls[i] for i in missing], missing)
+                return
+            for reply in replies:
+                if isinstance(reply, Exception):  # the script refused or failed: no verdict
+                    raise BucketsUnavailable(f"script error: {reply}")
+            elapsed = time.perf_counter() - self._started
+            results = iter(replies)
+            out = []
+            for takes, deliver in batch:
+                if self.atomic:
+                    out.append((deliver, _replies(next(results), len(takes))))
+                else:
+                    out.append((deliver, [_replies(next(results), 1)[0] for _ in takes]))
+            seconds, micros = replies[-1][-2], replies[-1][-1]
+        except BucketsUnavailable as exc:
+            self._fail(exc)
+            return
+        except Exception as exc:  # (a reply we cannot read: out of step)
+            self._fail(BucketsUnavailable(f"unreadable reply: {type(exc).__name__}: {exc}"))
+            self._discard_wire("an unreadable reply")
+            return
+        self._end()
+        # Redis's clock at the middle of the round trip, against ours.
+        _guard(self._on_round_trip, elapsed, seconds + micros / 1e6 - (time.time() - elapsed / 2))
+        for deliver, result in out:
+            _deliver(deliver, result, None)
+
+    def _late(self) -> None:
+        """The deadline: the batch is answered now, without Redis; replies that may still come
+        on this connection cannot be trusted to be in step, so it is dropped."""
+        self._deadline = None
+        if self._batch is None:
+            return
+        self._fail(BucketsUnavailable(f"no answer within {self.timeout * 1000:g} ms", slow=True))
+        self._discard_wire("the limiter's deadline passed")
+
+    def _discard_wire(self, reason: str) -> None:
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close(reason)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._spawn(release(conn))
+
+    def _end(self) -> None:
+        self._batch = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._pending and not self._scheduled and not self.closed:
+            self._scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _fail(self, exc: BucketsUnavailable, *, count: bool = True) -> None:
+        """The batch out now is answered with `exc`; the next one starts afresh."""
+        batch = self._batch
+        if batch is None:
+            return
+        if self._wire is not None and self._wire.closed:
+            self._discard_wire("closed")
+        self._end()
+        if count:
+            _guard(self._on_error, exc)
+        for _, deliver in batch:
+            _deliver(deliver, None, exc)
+
+    async def _cluster_round_trip(self, calls: Sequence[Sequence[Take]]) -> None:
+        """redis-py's Cluster pipeline: it routes each one-key call to its node."""
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for call in calls:
+                # execute_command: the Cluster pipeline blocks its evalsha() helper, the raw
+                # command is routed by its key like any other.
+                keys = [take.key for take in call]
+                args = [a for t in call for a in (t.interval_us, t.burst, t.cost, t.force)]
+                pipe.execute_command("EVALSHA", self.sha, len(call), *keys, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            if missing:
+                await self.load()
+                again = self.client.pipeline(transaction=False)
+                for i in missing:
+                    call = calls[i]
+                    keys = [take.key for take in call]
+                    args = [a for t in call for a in (t.interval_us, t.burst, t.cost, t.force)]
+                    again.execute_command("EVALSHA", self.sha, len(call), *keys, *args)
+                for i, reply in zip(
+                    missing, await again.execute(raise_on_error=False), strict=True
+                ):
+                    replies[i] = reply
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # (RedisClusterException is not a RedisError)
+            self._fail(BucketsUnavailable(f"{type(exc).__name__}: {exc}"))
+            return
+        self._replied(replies, None)
 
     def _packed(self, call: Sequence[Take]) -> bytes:
-        """EVALSHA <sha> <n> <keys> <interval burst cost>... in RESP, argument parts cached."""
+        """EVALSHA <sha> <n> <keys> <interval burst cost force>... in RESP, parts cached."""
         parts = [
             b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$%d\r\n%d\r\n"
             % (3 + 5 * len(call), self._sha, len(str(len(call))), len(call))
         ]
-
         for take in call:
             key = take.key.encode()
             parts.append(b"$%d\r\n%s\r\n" % (len(key), key))
@@ -236,27 +367,29 @@ class RedisBuckets:
             parts.append(args)
         return b"".join(parts)
 
-    async def _cluster_pipeline(self, calls: Sequence[Sequence[Take]]) -> list[Any]:
-        """redis-py's Cluster pipeline: it routes each one-key call to its node."""
-        pipe = self.client.pipeline(transaction=False)
-        for call in calls:
-            # execute_command: the Cluster pipeline blocks its evalsha() helper, the raw
-            # command is routed by its key like any other.
-            keys = [take.key for take in call]
-            args = [a for t in call for a in (t.interval_us, t.burst, t.cost, t.force)]
-            pipe.execute_command("EVALSHA", self.sha, len(call), *keys, *args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
-
     async def _drop_connection(self) -> None:
-        """Give the flusher's connection back, closed: after a failure its replies cannot be
-        trusted to be in step (redis-py usually closed it already)."""
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close("the limiter's connection is replaced")
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.socket_timeout = self._conn_timeout
-            with contextlib.suppress(RedisError, OSError):
-                await conn.disconnect(nowait=True)
-            await self.client.connection_pool.release(conn)
+            await release(conn)
+            with contextlib.suppress(Exception):
+                await self.client.connection_pool.release(conn)
+
+
+def _deliver(deliver: Deliver, replies: list[Reply] | None, exc: BaseException | None) -> None:
+    try:
+        deliver(replies, exc)
+    except Exception:
+        logger.exception("a rate-limit decision's callback failed")
+
+
+def _guard(callback: Callable[..., None], *args: Any) -> None:
+    try:
+        callback(*args)
+    except Exception:
+        logger.exception("the limiter's round-trip callback failed")
 
 
 class LocalBuckets:
