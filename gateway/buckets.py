@@ -202,7 +202,7 @@ class RedisBuckets:
         try:
             conn = await self.client.connection_pool.get_connection()
             self._conn = conn
-            self._wire = await take_over(conn)
+            self._wire = take_over(conn)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -53,7 +53,7 @@ def connect(settings: GatewaySettings) -> Redis | RedisCluster:
     if settings.gateway_redis_sentinels:
         given = parse_url(url)
         auth: dict[str, Any] = {k: given[k] for k in ("username", "password", "db") if k in given}  # type: ignore[literal-required]
-        sentinel = Sentinel(settings.sentinels, sentinel_kwargs=dict(timeouts), **timeouts)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(settings.sentinels, sentinel_kwargs=dict(timeouts), **timeouts)
         primary: Redis = sentinel.master_for(
             settings.gateway_redis_sentinel_service,
             ssl=url.startswith("rediss://"),

@@ -98,11 +98,11 @@ class RespWire(asyncio.Protocol):
             done(None, error)
 
 
-async def take_over(conn: AbstractConnection) -> RespWire:
+def take_over(conn: AbstractConnection) -> RespWire:
     """A connected redis-py connection's transport, now speaking through a RespWire. The
     redis-py connection object must not be used again (except `disconnect(nowait=True)`)."""
     if not conn.is_connected:
-        await conn.connect()
+        raise RedisError("the connection redis-py handed over is not connected")
     writer: asyncio.StreamWriter | None = getattr(conn, "_writer", None)
     if writer is None:
         raise RedisError("redis-py's connection has no `_writer`: the take-over needs updating")

@@ -63,43 +63,7 @@ _PROBLEM = PROBLEM_JSON.encode()
 class Exchange(Relay):
     """One request and its response. `status` is what the access log and metrics record."""
 
-    __slots__ = (
-        "aborted",
-        "answered",
-        "awaiting_body",
-        "body",
-        "body_done",
-        "body_size",
-        "buffered",
-        "client",
-        "conn",
-        "decision",
-        "finished",
-        "framing",
-        "head",
-        "head_sent",
-        "identity",
-        "keep_alive",
-        "limit_block",
-        "plane",
-        "refusal",
-        "request",
-        "request_sent",
-        "retry",
-        "reuse",
-        "rid",
-        "route",
-        "sent_bytes",
-        "small",
-        "started",
-        "status",
-        "streaming",
-        "task",
-        "tunnel",
-        "upstream",
-        "upstream_status",
-        "watcher",
-    )
+    __slots__ = ()  # every attribute is declared (and slotted) on Relay
 
     def __init__(
         self, conn: Connection, request: Request, refusal: GatewayError | None = None

@@ -147,17 +147,26 @@ class DataPlane:
         sock: Any = None,
     ) -> asyncio.Server:
         """Serve `site` on host:port (or an already bound `sock`)."""
-        loop = self.loop
-        server = await loop.create_server(
-            lambda: Connection(self, site),
-            host,
-            port,
-            sock=sock,
-            ssl=ssl_context,
-            reuse_port=reuse_port if sock is None else None,
-            backlog=BACKLOG,
-            ssl_handshake_timeout=self.handshake_timeout if ssl_context is not None else None,
-        )
+        timeout = self.handshake_timeout if ssl_context is not None else None
+        if sock is not None:
+            server = await self.loop.create_server(
+                lambda: Connection(self, site),
+                sock=sock,
+                ssl=ssl_context,
+                backlog=BACKLOG,
+                ssl_handshake_timeout=timeout,
+            )
+        else:
+            assert port is not None
+            server = await self.loop.create_server(
+                lambda: Connection(self, site),
+                host,
+                port,
+                ssl=ssl_context,
+                reuse_port=reuse_port,
+                backlog=BACKLOG,
+                ssl_handshake_timeout=timeout,
+            )
         self.servers.append(server)
         return server
 

@@ -69,9 +69,45 @@ _UPSTREAM_ERRORS = {
 
 
 class Relay:
-    """Mixed into Exchange (which holds every attribute): the upstream side."""
+    """The upstream side of an Exchange (its subclass), and every attribute it has."""
 
-    __slots__ = ()
+    __slots__ = (
+        "aborted",
+        "answered",
+        "awaiting_body",
+        "body",
+        "body_done",
+        "body_size",
+        "buffered",
+        "client",
+        "conn",
+        "decision",
+        "finished",
+        "framing",
+        "head",
+        "head_sent",
+        "identity",
+        "keep_alive",
+        "limit_block",
+        "plane",
+        "refusal",
+        "request",
+        "request_sent",
+        "retry",
+        "reuse",
+        "rid",
+        "route",
+        "sent_bytes",
+        "small",
+        "started",
+        "status",
+        "streaming",
+        "task",
+        "tunnel",
+        "upstream",
+        "upstream_status",
+        "watcher",
+    )
 
     conn: Connection
     plane: DataPlane

@@ -133,8 +133,7 @@ def _target(method: str, url: bytes) -> tuple[str, bytes, str | None]:
         authority = parsed.host.decode("ascii")
         if parsed.port is not None:
             authority = f"{authority}:{parsed.port}"
-        path = parsed.path.decode("ascii") if parsed.path else "/"
-        return path, parsed.query or b"", authority
+        return parsed.path.decode("ascii") if parsed.path else "/", parsed.query or b"", authority
     raise BadRequest("the request target must be a path or an absolute http(s) URI")
 
 
