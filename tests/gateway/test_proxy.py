@@ -334,6 +334,17 @@ async def test_websocket_is_passed_through(
         assert message.type == aiohttp.WSMsgType.CLOSE and message.data == 4001
 
 
+async def test_an_idle_websocket_is_closed(
+    upstream: FakeUpstream, make_gateway: GatewayFactory
+) -> None:
+    client = await make_gateway(upstream.url, gateway_websocket_idle_timeout=0.5)
+    async with client.ws_connect("/ws", protocols=("chat.v1",), autoping=False) as ws:
+        await ws.send_str("hello")
+        assert (await ws.receive_str()) == "echo:hello"
+        message = await asyncio.wait_for(ws.receive(), 10)  # nothing sent: the tunnel closes
+        assert message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSE)
+
+
 async def test_metrics_count_by_route_template(
     upstream: FakeUpstream, make_gateway: GatewayFactory
 ) -> None:

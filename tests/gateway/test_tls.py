@@ -773,6 +773,30 @@ async def test_https_redirect_false_serves_the_api_on_both_ports(
             assert resp.headers["Strict-Transport-Security"] == "max-age=63072000"
 
 
+async def test_a_handshake_that_never_comes_is_closed(
+    ca: Issued, files: Files, start_gateway: StartGateway, upstream: FakeUpstream
+) -> None:
+    """The HTTPS port's handshake deadline: a connection that sends no ClientHello (or half
+    of one) is closed, and a real client right after is served."""
+    write_pair(make_leaf(ca), files.cert, files.key, ca)
+    gateway = await start_gateway(
+        upstream.url,
+        GATEWAY_TLS_CERT_FILE=files.cert,
+        GATEWAY_TLS_KEY_FILE=files.key,
+        GATEWAY_TLS_HANDSHAKE_TIMEOUT="0.5",
+    )
+    for opening in (b"", b"\x16\x03\x01\x02\x00\x01"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.https_port)
+        writer.write(opening)
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert asyncio.get_running_loop().time() - started >= 0.4
+        writer.close()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{gateway.https}/healthz", ssl=False) as resp:
+            assert resp.status == 200
+
+
 async def test_without_tls_the_http_port_proxies_and_serves_challenges(
     tmp_path: Path, start_gateway: StartGateway, upstream: FakeUpstream
 ) -> None:
