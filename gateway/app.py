@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 VERSION = version("pixelcraft-gateway")
 DESCRIPTION = (
     "PixelCraft: an AI chat API. Every call goes through this gateway, which identifies the "
-    "caller (bearer JWT, else `X-User-Id`, else the client address), rate-limits per user and "
+    "caller (a bearer JWT, else an `X-User-Id` from a proxy it trusts, else the client address), "
+    "rate-limits per user and "
     "per address (each operation's `x-ratelimit` and description say how much; every response "
     "carries `RateLimit` and `RateLimit-Policy`; a denial is a 429 problem with `Retry-After`), "
     "and streams the chat service's answers through unbuffered."
@@ -175,6 +176,7 @@ async def openapi_ctx(app: web.Application) -> AsyncIterator[None]:
         public_url=settings.gateway_public_url,
         max_body=settings.gateway_max_body_bytes,
         refresh=settings.gateway_openapi_refresh_seconds,
+        on_paths=app[metrics_key].use_routes,
     )
     app[api_document_key] = document
     await document.update()

@@ -10,17 +10,16 @@ address.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from gateway.errors import BadHeader, Unauthorized
 from gateway.tokens import InvalidToken, TokenVerifier, bearer_token
+from pixelcraft.users import ANONYMOUS_PREFIX, USER_ID, reserved
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-USER_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
 Kind = Literal["jwt", "header", "ip"]
 
@@ -88,6 +87,10 @@ def header_user(values: Sequence[str]) -> str | None:
         raise BadHeader("X-User-Id", "sent more than once")
     if not USER_ID.match(values[0]):
         raise BadHeader("X-User-Id", f"must match {USER_ID.pattern}")
+    if reserved(values[0]):
+        raise BadHeader(
+            "X-User-Id", f'"{ANONYMOUS_PREFIX}" ids are anonymous clients\' own; choose another'
+        )
     return values[0]
 
 

@@ -33,11 +33,8 @@ REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
                  0.5, 1.0)  # fmt: skip
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-MAX_ROUTES = 200  # distinct route labels before new ones become "other"
-_ID_SEGMENT = re.compile(
-    r"^(\d+|[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
-    r"|[0-9a-fA-F]{16,}|[A-Za-z0-9_-]{24,})$"
-)
+OTHER = "other"  # the label of any path the upstream's document does not name
+ROUTE_CACHE = 10_000  # paths whose label is remembered
 
 
 def multiprocess_dir() -> str | None:
@@ -149,7 +146,7 @@ class Metrics:
             registry=r,
         )
         self._routes: dict[str, str] = {}
-        self._labels: set[str] = set()
+        self._templates: list[tuple[re.Pattern[str], str]] = []
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._push_inflight: Callable[[], int] | None = None
 
@@ -180,25 +177,30 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def route(self, path: str, status: int) -> str:
-        """A bounded route label for a proxied path: id-like segments become `{id}`.
+    def use_routes(self, templates: list[str]) -> None:
+        """The upstream's path templates (from its OpenAPI document): the only labels a proxied
+        request can get besides `other`, so no client can invent a label by the path it asks."""
+        routes = []
+        for template in sorted(templates, key=lambda t: (t.count("{"), -len(t))):
+            parts = re.split(r"\{[^}/]+\}", template)
+            pattern = "[^/]+".join(re.escape(part) for part in parts)
+            routes.append((re.compile(f"^{pattern}$"), template))
+        self._templates = routes
+        self._routes = {}
 
-        Paths the upstream does not know (404) are `unmatched` and never take one of the
-        MAX_ROUTES label slots, so random URLs cannot crowd out real routes.
-        """
-        if status == 404:
-            return "unmatched"
+    def route(self, path: str) -> str:
+        """The label of a proxied path: the upstream route template it matches, else `other`
+        (whatever the status, so junk paths cannot crowd out real routes)."""
         label = self._routes.get(path)
         if label is None:
-            segments = path.split("/")
-            label = "/".join("{id}" if _ID_SEGMENT.match(s) else s for s in segments[:6]) or "/"
-            if label not in self._labels:
-                if len(self._labels) >= MAX_ROUTES:
-                    label = "other"
-                else:
-                    self._labels.add(label)
-            if len(self._routes) < 10 * MAX_ROUTES:
-                self._routes[path] = label
+            label = OTHER
+            for pattern, template in self._templates:
+                if pattern.match(path):
+                    label = template
+                    break
+            if len(self._routes) >= ROUTE_CACHE:
+                self._routes.clear()
+            self._routes[path] = label
         return label
 
     def render(self) -> tuple[bytes, str]:

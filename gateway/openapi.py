@@ -25,6 +25,7 @@ from typing import Any
 
 from gateway.policies import Policies, Policy
 from pixelcraft.aio import cancel
+from pixelcraft.users import ANONYMOUS_PREFIX, USER_ID_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,8 @@ def ratelimit_of(policies: Policies, method: str, path: str) -> list[dict[str, A
         applied.append(policy_object(policy, "user"))
     if policy.tokens is not None:
         applied.append(budget_object(policy))
+    if policy.address is not None and policy.address.cost:
+        applied.append(policy_object(policy.address, "address"))
     if policies.ip is not None and policies.ip.cost:
         applied.append(policy_object(policies.ip, "address"))
     if policy.concurrent is not None:
@@ -194,8 +197,10 @@ def _annotate(
             param = {
                 **param,
                 "required": False,
-                "description": "Who you are (`^[A-Za-z0-9._:@-]{1,128}$`); without it your "
-                "address is. Rate limits are counted per this identity.",
+                "description": f"Who you are (`{USER_ID_PATTERN}`, not starting with "
+                f"`{ANONYMOUS_PREFIX}`), believed only as GATEWAY_USER_ID_HEADER allows (from "
+                "an authenticating proxy in front, by default); without it, or when it is not "
+                "believed, your address is. Rate limits are counted per this identity.",
             }
         params.append(param)
     if params:
@@ -300,8 +305,10 @@ class ApiDocument:
         public_url: str | None,
         max_body: int,
         refresh: float,
+        on_paths: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.own = own
+        self.on_paths = on_paths  # told the upstream's path templates on every new copy
         self.fetch = fetch
         self.jwt = jwt
         self.public_url = public_url
@@ -335,6 +342,8 @@ class ApiDocument:
             return False
         if doc != self.upstream:
             self.upstream = doc
+            if self.on_paths is not None:
+                self.on_paths([path for path in doc["paths"] if isinstance(path, str)])
         return True
 
     def start(self) -> None:

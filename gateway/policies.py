@@ -25,7 +25,8 @@ METHOD = re.compile(r"^[A-Z]{1,16}$")
 RESERVED = ("default", "ip")
 
 IP_KEYS = {"rate", "burst", "cost", "failure_mode"}
-SECTION_KEYS = IP_KEYS | {"tokens", "tokens_burst", "tokens_estimate", "concurrent"}
+SECTION_KEYS = IP_KEYS | {"tokens", "tokens_burst", "tokens_estimate", "concurrent",
+                          "address_rate", "address_burst"}  # fmt: skip
 RULE_KEYS = SECTION_KEYS | {"name", "methods", "path_prefix"}
 
 
@@ -52,6 +53,7 @@ class Policy:
     tokens: Policy | None = None  # the token budget that comes with this policy, if any
     tokens_estimate: int | None = None  # reserved per request; None: from the body's size
     concurrent: int | None = None  # requests in flight per identity, if capped
+    address: Policy | None = None  # this policy's own ceiling per client address, if any
 
     window: int = field(init=False)
     member: str = field(init=False)
@@ -144,7 +146,8 @@ class Policies:
         """Every bucket policy, token budgets included."""
         policies = [self.default, *(rule.policy for rule in self.rules)]
         budgets = [p.tokens for p in policies if p.tokens is not None]
-        return policies + budgets + ([self.ip] if self.ip is not None else [])
+        ceilings = [p.address for p in policies if p.address is not None]
+        return policies + budgets + ceilings + ([self.ip] if self.ip is not None else [])
 
 
 class _Reader:
@@ -196,8 +199,28 @@ class _Reader:
         concurrent = None
         if "concurrent" in table:
             concurrent = self.integer(where, "concurrent", table["concurrent"], minimum=1)
+        address = None
+        if "address_rate" in table:
+            address = self.ceiling(where, name, table, cost, failure_mode)
+        elif "address_burst" in table:
+            self.problem(f"{where}.address_rate", "missing: address_burst needs it")
         return Policy(name, rate, rate_text, burst, cost, failure_mode, tokens=tokens,
-                      tokens_estimate=estimate, concurrent=concurrent)  # fmt: skip
+                      tokens_estimate=estimate, concurrent=concurrent,
+                      address=address)  # fmt: skip
+
+    def ceiling(
+        self, where: str, name: str, table: dict[str, Any], cost: int, mode: FailureMode
+    ) -> Policy | None:
+        """`address_rate = "60/hour"` (+ `address_burst`): the policy's own ceiling per client
+        address, whatever the identity (so rotating invented ids gains nothing here either)."""
+        parsed = self.rate(f"{where}.address_rate", table["address_rate"], "")
+        if parsed is None:
+            return None
+        rate, rate_text, count = parsed
+        burst = self.integer(where, "address_burst", table.get("address_burst", count), minimum=1)
+        if cost > burst:
+            self.problem(f"{where}.address_burst", f"{burst} is below cost {cost}")
+        return Policy(f"{name}-address", rate, rate_text, burst, cost, mode)
 
     def budget(
         self, where: str, name: str, table: dict[str, Any], mode: FailureMode

@@ -95,6 +95,9 @@ class Decision:
         return RateLimited(detail, [v.policy.name for v in denied], retry_after)
 
 
+Decided = Callable[["Decision | None", "GatewayError | None"], None]
+
+
 def refunded(verdicts: tuple[Verdict, ...], takes: list[Take]) -> tuple[Verdict, ...]:
     """The verdicts as they stand once a denied request's tokens are back where they were
     taken: the headers then show what the client really has left."""
@@ -192,6 +195,8 @@ class Limiter:
         if take is None:
             if kind == "address":
                 digest = _digest(address_key(value))
+            elif kind == "ip":  # an anonymous client: per /64 for IPv6, like the ceiling
+                digest = _digest(f"ip:{address_key(value)}")
             else:
                 digest = _digest(f"{kind}:{value}")
             interval, burst = self._args[policy.name]
@@ -213,29 +218,32 @@ class Limiter:
         budget's (the reservation), the ceiling's. Buckets that cost nothing are left out."""
         policies = self.policies
         policy = policies.match(method, path)
-        ip = policies.ip
-        if policy.tokens is None:  # the common case, kept short
-            if policy.cost:
-                take = self._take(policy, identity.kind, identity.value)
-                if ip is not None and ip.cost:
-                    return policy, [policy, ip], [take, self._take(ip, "address", address)]
-                return policy, [policy], [take]
-            if ip is not None and ip.cost:
-                return policy, [ip], [self._take(ip, "address", address)]
-            return policy, [], []
         applied: list[Policy] = []
         takes: list[Take] = []
         if policy.cost:
             applied.append(policy)
             takes.append(self._take(policy, identity.kind, identity.value))
         budget = policy.tokens
-        applied.append(budget)
-        reserve = policy.estimate(body_bytes)
-        takes.append(self._take(budget, identity.kind, identity.value)._replace(cost=reserve))
+        if budget is not None:
+            applied.append(budget)
+            reserve = policy.estimate(body_bytes)
+            takes.append(self._take(budget, identity.kind, identity.value)._replace(cost=reserve))
+        ceiling = policy.address
+        if ceiling is not None and ceiling.cost:
+            applied.append(ceiling)
+            takes.append(self._take(ceiling, "address", address))
+        ip = policies.ip
         if ip is not None and ip.cost:
             applied.append(ip)
             takes.append(self._take(ip, "address", address))
         return policy, applied, takes
+
+    def plan_address(self, address: str) -> tuple[list[Policy], list[Take]]:
+        """Only the `[ip]` ceiling: what a request refused for its identity still takes."""
+        ip = self.policies.ip
+        if ip is None or not ip.cost:
+            return [], []
+        return [ip], [self._take(ip, "address", address)]
 
     async def check(
         self,
@@ -266,45 +274,61 @@ class Limiter:
         identity: Identity,
         address: str,
         body_bytes: int | None,
-        done: Callable[[Decision | None, GatewayError | None], None],
+        done: Decided,
     ) -> None:
         """`check()` for a caller with no task of its own (the data plane): `done(decision,
         None)` or `done(None, error)` is called once, maybe before this returns. The common
-        case (buckets only, Redis healthy) costs a future and a callback, not a task."""
+        case (buckets only) costs a callback, not a task."""
         policy, policies, takes = self.plan(method, path, identity, address, body_bytes)
         if not takes and policy.concurrent is None:
             done(None, None)
-            return
-        if policy.tokens is None and policy.concurrent is None and self.healthy:
+        elif policy.tokens is None and policy.concurrent is None:
+            self._decide_soon(policies, takes, done)
+        else:  # budgets and caps: the general path, on a task
 
-            def decided(future: asyncio.Future[list[Reply]]) -> None:
-                if future.cancelled():
-                    done(None, LimiterUnavailable("the gateway is stopping", CLOSED_RETRY_AFTER))
-                    return
+            async def general() -> None:
                 try:
-                    if future.exception() is None:
-                        decision = self._verdicts(policies, takes, future.result())
-                    else:
-                        decision = self._degraded(takes, policies, transient=self.healthy)
-                except LimiterUnavailable as exc:
+                    decision = await self.check(method, path, identity, address, body_bytes)
+                except GatewayError as exc:
                     done(None, exc)
-                    return
-                done(decision, None)
+                else:
+                    done(decision, None)
 
-            self.buckets.take(takes).add_done_callback(decided)
+            task = asyncio.get_running_loop().create_task(general())
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+    def check_address_soon(self, address: str, done: Decided) -> None:
+        """A request refused for its identity (400, 401) still takes from its address's
+        `[ip]` bucket, so a flood of bad tokens or ids meets 429s like any other flood."""
+        policies, takes = self.plan_address(address)
+        if not takes:
+            done(None, None)
+        else:
+            self._decide_soon(policies, takes, done)
+
+    def _decide_soon(self, policies: list[Policy], takes: list[Take], done: Decided) -> None:
+        if not self.healthy:
+            try:
+                decision = self._degraded(takes, policies)
+            except LimiterUnavailable as exc:
+                done(None, exc)
+                return
+            done(decision, None)
             return
 
-        async def general() -> None:
+        def replied(replies: list[Reply] | None, exc: BaseException | None) -> None:
             try:
-                decision = await self.check(method, path, identity, address, body_bytes)
-            except GatewayError as exc:
-                done(None, exc)
-            else:
-                done(decision, None)
+                if replies is not None:
+                    decision = self._verdicts(policies, takes, replies)
+                else:  # decided without Redis (see _buckets)
+                    decision = self._degraded(takes, policies, transient=self.healthy)
+            except LimiterUnavailable as error:
+                done(None, error)
+                return
+            done(decision, None)
 
-        task = asyncio.get_running_loop().create_task(general())
-        self._checks.add(task)
-        task.add_done_callback(self._checks.discard)
+        self.buckets.take_then(takes, replied)
 
     async def _buckets(self, policies: list[Policy], takes: list[Take]) -> Decision:
         if not takes:

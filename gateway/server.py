@@ -15,6 +15,7 @@ addresses; the other family's address is best effort (a warning on a host withou
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -64,6 +65,28 @@ def load_certificate(settings: GatewaySettings, metrics: Metrics) -> ServingCert
         raise DependencyUnavailable(f"cannot serve HTTPS: {exc}") from exc
     check_openssl_conf()
     return certificate
+
+
+def identity_warning(settings: GatewaySettings) -> str | None:
+    """What to warn of at boot about whom the gateway believes, if anything."""
+    mode = settings.gateway_user_id_header
+    if mode == "any" and not _loopback(settings.gateway_host):
+        return (
+            f"GATEWAY_USER_ID_HEADER=any while listening on {settings.gateway_host}: any client "
+            "can name any user in X-User-Id, and read and delete that user's conversations. "
+            "That is for development on loopback; in production use JWT (GATEWAY_JWT_SECRET / "
+            "GATEWAY_JWKS_URL) or an authenticating proxy (GATEWAY_USER_ID_HEADER=trusted)"
+        )
+    return None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Gateway:
@@ -118,6 +141,9 @@ class Gateway:
         else:
             http = self.api_site(tls=False)
         await self._listen(http, host, settings.gateway_http_port, reuse_port, None)
+        warning = identity_warning(settings)
+        if warning is not None:
+            logger.warning("%s", warning)
 
     async def _listen(
         self,
@@ -141,13 +167,20 @@ class Gateway:
             shown = f"[{address}]" if ":" in address else address
             logger.info("listening on %s://%s:%d", scheme, shown, port)
 
-    async def drain(self) -> None:
-        """SIGTERM: stop being ready, let what is in flight finish (within the drain time)."""
+    def start_draining(self) -> None:
+        """SIGTERM, at once: not ready any more, idle connections closed, `Connection: close`."""
+        if self.plane.draining:
+            return
         lifecycle = self.app[lifecycle_key]
         seconds = self.settings.gateway_drain_seconds
         logger.info("draining: %d request(s) in flight, up to %g s", lifecycle.inflight, seconds)
         self.plane.drain()
-        if not await lifecycle.drain(seconds):
+
+    async def drain(self) -> None:
+        """Let what is in flight finish (within the drain time)."""
+        self.start_draining()
+        lifecycle = self.app[lifecycle_key]
+        if not await lifecycle.drain(self.settings.gateway_drain_seconds):
             logger.warning("drain time over; cutting %d request(s)", lifecycle.inflight)
 
     async def close(self) -> None:
@@ -176,8 +209,14 @@ async def serve(
     lifecycle = gateway.app[lifecycle_key]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def terminate() -> None:
+        if gateway.plane.servers:  # serving: the drain starts in this very callback
+            gateway.start_draining()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, terminate)
     reloads: set[asyncio.Task[Any]] = set()
 
     def reload() -> None:

@@ -16,6 +16,7 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 FailureMode = Literal["local", "open", "closed"]
+UserIdHeader = Literal["trusted", "any", "off"]
 
 
 class GatewaySettings(BaseSettings):
@@ -49,6 +50,7 @@ class GatewaySettings(BaseSettings):
     gateway_redis_sentinels: Annotated[list[str], NoDecode] = []
     gateway_redis_sentinel_service: str = Field(default="mymaster", min_length=1)
     gateway_trusted_proxies: Annotated[list[IPNetwork], NoDecode] = []
+    gateway_user_id_header: UserIdHeader = "trusted"
     gateway_jwt_secret: SecretStr | None = None
     gateway_jwks_url: str | None = None
     gateway_jwks_file: Path | None = None

@@ -26,6 +26,7 @@ from jwt.exceptions import InvalidSubjectError
 from jwt.types import Options
 
 from pixelcraft.boot import DependencyUnavailable
+from pixelcraft.users import ANONYMOUS_PREFIX, USER_ID, reserved
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,9 @@ MAX_TOKEN_LENGTH = 8192
 
 # RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token; the scheme is case-insensitive (RFC 9110).
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*)")
-# The gateway forwards `sub` as X-User-Id, so it must fit that header's pattern.
-_SUBJECT = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+# The gateway forwards `sub` as X-User-Id, so it must fit that header's pattern (and stay out of
+# the anonymous namespace, pixelcraft.users).
+_SUBJECT = USER_ID
 
 HMAC_ALGORITHM = "HS256"
 RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
@@ -254,6 +256,10 @@ class TokenVerifier:
             raise InvalidToken("token has no sub claim")
         if not isinstance(sub, str) or _SUBJECT.fullmatch(sub) is None:
             raise InvalidToken("token sub claim is not a valid user id")
+        if reserved(sub):
+            raise InvalidToken(
+                f'token sub claim is in the anonymous "{ANONYMOUS_PREFIX}" namespace'
+            )
         return Claims(sub, MappingProxyType(payload))
 
     def _decode(self, token: str, key: Any, algorithms: tuple[str, ...]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pixelcraft.users import ANONYMOUS_PREFIX, USER_ID_PATTERN
 from upstream.schemas import (
     ChatReplySchema,
     ChatRequestSchema,
@@ -23,9 +24,11 @@ USER = {
     "in": "header",
     "name": "X-User-Id",
     "required": True,
-    "description": "The user, as the gateway resolved it (JWT `sub`, the client's X-User-Id, or "
-    "`ip:<address>`). Conversations are private to it.",
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:@-]{1,128}$", "example": "alice"},
+    "description": "The user, as the gateway resolved it: a verified JWT `sub`, an X-User-Id it "
+    f"believes, or `{ANONYMOUS_PREFIX}<address>` for an anonymous client (a namespace no client "
+    "can claim: the gateway refuses such ids in headers and tokens). Conversations are private "
+    "to it.",
+    "schema": {"type": "string", "pattern": USER_ID_PATTERN, "example": "alice"},
 }
 CONVERSATION = {
     "in": "path",

@@ -7,7 +7,6 @@ import base64
 import binascii
 import json
 import logging
-import re
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import aclosing
@@ -19,6 +18,7 @@ import asyncpg
 from aiohttp import web
 
 from pixelcraft.openapi import documented
+from pixelcraft.users import USER_ID
 from upstream import apidoc, chats, sse
 from upstream.db import acquire
 from upstream.errors import BadRequest, DatabaseUnavailable, LLMError, LLMUnavailable, NotFound
@@ -28,8 +28,6 @@ from upstream.middlewares import error_body
 from upstream.schemas import ChatRequestSchema, ListQuerySchema, load
 
 logger = logging.getLogger(__name__)
-
-USER_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
 
 def user_id(request: web.Request) -> str:

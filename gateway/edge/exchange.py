@@ -47,6 +47,7 @@ from gateway.errors import (
     Unauthorized,
 )
 from gateway.identity import Client, Identity, client_of, resolve_jwt, resolve_plain
+from gateway.metrics import OTHER
 from gateway.ratelimit import Decision
 from gateway.usage import UsageWatcher
 from pixelcraft.logs import request_id_var
@@ -158,24 +159,58 @@ class Exchange(Relay):
         if plane.verifier is not None:
             self.task = plane.loop.create_task(self._identify_by_token())
             return
-        self.identity = resolve_plain(request.user_ids, client.address)
+        try:
+            self.identity = self._by_header(Identity("ip", client.address))
+        except GatewayError as exc:
+            self.refused(exc)
+            return
         self.limit()
+
+    def _by_header(self, anonymous: Identity) -> Identity:
+        """X-User-Id, where it may be believed (GATEWAY_USER_ID_HEADER): from `any` peer, from
+        a `trusted` one only (an authenticating proxy in front set it), or `off`. A header that
+        is not believed is ignored, not an error: the client is its address."""
+        mode = self.plane.user_header
+        if mode == "any" or (mode == "trusted" and self.conn.peer_trusted):
+            return resolve_plain(self.request.user_ids, anonymous.value)
+        return anonymous
 
     async def _identify_by_token(self) -> None:
         request_id_var.set(self.rid)
         verifier = self.plane.verifier
         assert verifier is not None and self.client is not None
         try:
-            self.identity = await resolve_jwt(
-                self.request.authorization, self.client.address, verifier
-            )
+            identity = await resolve_jwt(self.request.authorization, self.client.address, verifier)
+            self.identity = self._by_header(identity) if identity.kind == "ip" else identity
         except GatewayError as exc:
-            self.fail(exc)
+            self.task = None
+            self.refused(exc)
             return
         except asyncio.CancelledError:
             return
         self.task = None
         self.limit()
+
+    def refused(self, error: GatewayError) -> None:
+        """Refused for its identity (400, 401): the request still takes from its address's
+        `[ip]` bucket, so a flood of bad tokens or ids meets 429s like any other flood."""
+        limiter = self.plane.limiter
+        if limiter is None or self.client is None:
+            self.fail(error)
+            return
+
+        def decided(decision: Decision | None, trouble: GatewayError | None) -> None:
+            if self.finished:
+                return
+            if decision is not None:
+                self.decision = decision
+                self.limit_block = header_block(hdrs.limit_headers(decision))
+                if not decision.allowed:
+                    self.fail(decision.denial())
+                    return
+            self.fail(error)  # the limiter unavailable (closed) does not hide why
+
+        limiter.check_address_soon(self.client.address, decided)
 
     def limit(self) -> None:
         limiter = self.plane.limiter
@@ -408,9 +443,9 @@ class Exchange(Relay):
         if route is not None:
             label = route.label
         elif self.refusal is not None:
-            label = "unmatched"
+            label = OTHER
         else:
-            label = plane.metrics.route(request.route_path(), status)
+            label = plane.metrics.route(request.route_path())
         plane.metrics.observe(request.method, label, status, elapsed)
         access_log = plane.access_log
         if access_log is not None:

@@ -35,6 +35,7 @@ from gateway.edge.wire import (
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.identity import Client, Identity
 from pixelcraft.logs import request_id_var
+from pixelcraft.users import anonymous
 
 if TYPE_CHECKING:
     from gateway.edge.connection import Connection
@@ -166,7 +167,7 @@ class Relay:
         else:
             host = request.host
             origin = conn.origin
-        user = identity.value if identity.kind != "ip" else f"ip:{identity.value}"
+        user = identity.value if identity.kind != "ip" else anonymous(identity.value)
         if self.body_done:
             size = self.body_size
             framing = (

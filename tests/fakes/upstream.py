@@ -175,6 +175,21 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+# What the gateway labels its metrics with: only the paths an upstream documents.
+DOCUMENTED = ("/echo", "/echo/items/{id}", "/sse", "/forever", "/source", "/ws")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    ok = {"responses": {"200": {"description": "ok"}}}
+    return web.json_response(
+        {
+            "openapi": "3.0.3",
+            "info": {"title": "fake upstream", "version": "1"},
+            "paths": {path: {"get": ok} for path in DOCUMENTED},
+        }
+    )
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -203,4 +218,5 @@ def create_fake_upstream(state: UpstreamState | None = None) -> web.Application:
     app.router.add_get("/ws", websocket)
     app.router.add_post("/slow-sink", slow_sink)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.json", openapi)
     return app

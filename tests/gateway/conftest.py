@@ -54,6 +54,9 @@ def gateway_settings(redis_url: str, bucket_prefix: str) -> Callable[..., Gatewa
             "gateway_upstream_url": upstream_url,
             "gateway_redis_key_prefix": bucket_prefix,
             "gateway_startup_retry_seconds": 1,
+            # Development mode: tests name their users in X-User-Id (test_identity.py covers
+            # `trusted`, the default, and `off`).
+            "gateway_user_id_header": "any",
         }
         values.update(overrides)
         return GatewaySettings(_env_file=None, **values)
@@ -162,6 +165,7 @@ async def gateway_process(
             "REDIS_URL": redis_url,
             "GATEWAY_UPSTREAM_URL": upstream_url,
             "GATEWAY_REDIS_KEY_PREFIX": bucket_prefix,
+            "GATEWAY_USER_ID_HEADER": "any",  # users named in X-User-Id, as in development
             "GATEWAY_HOST": "127.0.0.1",
             "GATEWAY_HTTP_PORT": port,
             "GATEWAY_ADMIN_PORT": admin,

@@ -141,7 +141,9 @@ async def test_through_nginx_client_address_and_streaming(
     gateway_process: Callable[..., Awaitable[GatewayProcess]],
     upstream: FakeUpstream,
 ) -> None:
-    gateway = await gateway_process(upstream.url, GATEWAY_TRUSTED_PROXIES="127.0.0.1/32")
+    gateway = await gateway_process(
+        upstream.url, GATEWAY_TRUSTED_PROXIES="127.0.0.1/32", GATEWAY_USER_ID_HEADER="trusted"
+    )
     configure(nginx, int(gateway.url.rsplit(":", 1)[1]))
     proc = running()
     base = f"https://127.0.0.1:{nginx.https_port}"
@@ -160,8 +162,10 @@ async def test_through_nginx_client_address_and_streaming(
 
         await wait_until(answers, within=15)
 
-        # The client's address reaches the gateway through nginx; a spoofed header does not.
-        async with session.get(f"{base}/echo/who", headers={"X-Forwarded-For": "6.6.6.6"}) as resp:
+        # The client's address reaches the gateway through nginx; spoofed headers do not (nginx
+        # is a trusted proxy, so an X-User-Id it passed on would be believed).
+        spoofed = {"X-Forwarded-For": "6.6.6.6", "X-User-Id": "alice"}
+        async with session.get(f"{base}/echo/who", headers=spoofed) as resp:
             assert resp.status == 200
             assert resp.headers["Strict-Transport-Security"] == "max-age=63072000"
             seen: dict[str, Any] = {}

@@ -299,7 +299,9 @@ async def test_header_identity_and_its_errors(
 
 
 async def test_jwt_identity(upstream: FakeUpstream, make_gateway: GatewayFactory) -> None:
-    client = await make_gateway(upstream.url, gateway_jwt_secret=JWT_SECRET)
+    client = await make_gateway(
+        upstream.url, gateway_jwt_secret=JWT_SECRET, gateway_user_id_header="trusted"
+    )
     token = jwt.encode({"sub": "user-123", "exp": int(time.time()) + 60}, JWT_SECRET, "HS256")
     resp = await client.get(
         "/echo", headers={"Authorization": f"Bearer {token}", "X-User-Id": "spoofed"}
