@@ -197,8 +197,8 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        if self.timer_kind == HEADER:
-            self._disarm()
+        if self.timer_kind == HEADER or self.timer_kind == KEEPALIVE:
+            self._disarm()  # a request is here: neither deadline applies while it is answered
         if len(self.queue) >= MAX_PIPELINE:
             raise PipelineFull
         parser = self.parser
@@ -422,6 +422,8 @@ class Connection(asyncio.Protocol):
             return
         if self.transport is None:
             return
+        if kind == HEADER and self.active is not None:
+            return  # a head waiting behind a response: its deadline starts after it (below)
         if kind == LINGER:
             self.transport.abort()
             return

@@ -210,6 +210,30 @@ async def test_http_1_0_and_connection_close(
     assert response.header("Connection") == "close" and rest == b""
 
 
+async def test_connection_deadlines_never_cut_a_response_in_progress(
+    upstream: FakeUpstream, make_gateway: GatewayFactory
+) -> None:
+    """Keep-alive idleness and the next head's deadline apply between requests, not during a
+    long response (an SSE stream outlives both)."""
+    client = await make_gateway(
+        upstream.url, gateway_keepalive_timeout=0.3, gateway_header_timeout=0.3
+    )
+    reader, writer = await connect(client.port)
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await read_response(reader)).status == 200
+    writer.write(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\nGET /echo HT")  # and half a head
+    await reader.readuntil(b"\r\n\r\n")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    ticks = 0
+    while loop.time() - started < 1.2:  # four times both deadlines
+        line = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+        assert line.endswith(b"data: tick\n\n")
+        ticks += 1
+    assert ticks >= 10
+    writer.close()
+
+
 async def test_head_and_bodiless_statuses_are_framed_without_a_body(
     upstream: FakeUpstream, make_gateway: GatewayFactory
 ) -> None:
