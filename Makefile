@@ -30,8 +30,10 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
-# Gateway overhead against a direct connection and nginx; see CAPACITY_PLANNING.md.
-# Options: make bench BENCH_ARGS="--quick" (or --rounds 5, --markdown FILE, ...).
+# Gateway overhead against a direct connection and nginx + limit_req: requests, refusals and
+# streamed chats through the real chat service (needs PostgreSQL; --no-chat skips it); see
+# CAPACITY_PLANNING.md. Options: make bench BENCH_ARGS="--quick" (or --rounds 5, --markdown FILE,
+# --no-chat, ...).
 bench: $(STAMP)
 	$(VPY) scripts/bench $(BENCH_ARGS)
 

@@ -6,7 +6,9 @@ Routes, each as cheap as aiohttp allows so that the proxies' cost is what the be
   `time.monotonic_ns()` taken just before the write (CLOCK_MONOTONIC is one clock for every
   process on a Linux host, so the client can subtract it from its own reading);
 - `POST /sink`: reads a streamed request body and answers the byte count;
-- `GET /source?bytes=N`: streams N bytes (Content-Length set) in 64 KiB chunks.
+- `GET /source?bytes=N`: streams N bytes (Content-Length set) in 64 KiB chunks;
+- `GET /healthz` and `GET /openapi.json` (a minimal document of these routes): what a gateway
+  asks its upstream at boot and then every minute, so that its log stays free of warnings.
 
 Run: `python scripts/bench_upstream.py --port 8001` (loopback only).
 """
@@ -25,6 +27,22 @@ FIXED_BODY = json.dumps(
     {"service": "pixelcraft-bench", "route": "fixed", "ok": True, "payload": "x" * 31},
     separators=(",", ":"),
 ).encode()
+OPENAPI = json.dumps(
+    {
+        "openapi": "3.0.3",
+        "info": {"title": "pixelcraft-bench upstream", "version": "1"},
+        "paths": {
+            path: {method: {"responses": {"200": {"description": "OK"}}}}
+            for path, method in (
+                ("/fixed", "get"),
+                ("/sse", "get"),
+                ("/sink", "post"),
+                ("/source", "get"),
+            )
+        },
+    },
+    separators=(",", ":"),
+).encode()
 CHUNK = bytes(64 * 1024)
 MAX_EVENTS = 100_000
 MAX_SOURCE_BYTES = 64 * 2**30
@@ -32,6 +50,14 @@ MAX_SOURCE_BYTES = 64 * 2**30
 
 async def fixed(request: web.Request) -> web.Response:
     return web.Response(body=FIXED_BODY, content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI, content_type="application/json")
 
 
 def _query_number(request: web.Request, name: str, default: float, upper: float) -> float:
@@ -86,6 +112,8 @@ def create_app() -> web.Application:
     app.router.add_get("/sse", sse)
     app.router.add_post("/sink", sink)
     app.router.add_get("/source", source)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.json", openapi)
     return app
 
 
