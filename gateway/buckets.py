@@ -73,7 +73,9 @@ def _replies(flat: Sequence[int], count: int) -> list[Reply]:
     ]
 
 
-Deliver = Callable[[list[Reply] | None, BaseException | None], None]
+# A request's replies as the script gave them: five integers per bucket, in the order of its
+# Takes (allowed, remaining, then the waits in microseconds; see _replies).
+Deliver = Callable[[Sequence[int] | None, BaseException | None], None]
 Batch = list[tuple[Sequence[Take], Deliver]]
 
 
@@ -138,21 +140,22 @@ class RedisBuckets:
     def take(self, takes: Sequence[Take]) -> asyncio.Future[list[Reply]]:
         """Queue one request's bucket operations; the future gets one Reply per Take."""
         future: asyncio.Future[list[Reply]] = self.loop.create_future()
+        count = len(takes)
 
-        def deliver(replies: list[Reply] | None, exc: BaseException | None) -> None:
+        def deliver(flat: Sequence[int] | None, exc: BaseException | None) -> None:
             if future.done():
                 return
-            if exc is not None:
-                future.set_exception(exc)
+            if exc is not None or flat is None:
+                future.set_exception(exc or BucketsUnavailable("no reply"))
             else:
-                future.set_result(replies)  # type: ignore[arg-type]
+                future.set_result(_replies(flat, count))
 
         self.take_then(takes, deliver)
         return future
 
     def take_then(self, takes: Sequence[Take], deliver: Deliver) -> None:
-        """`take()` for callers without a task: `deliver(replies, None)` or `deliver(None,
-        BucketsUnavailable)`, once, within the deadline."""
+        """`take()` for callers without a task: `deliver(flat, None)` (five integers per Take,
+        see _replies) or `deliver(None, BucketsUnavailable)`, once, within the deadline."""
         if self.closed:
             deliver(None, BucketsUnavailable("the gateway is stopping"))
             return
@@ -258,12 +261,12 @@ class RedisBuckets:
                     raise BucketsUnavailable(f"script error: {reply}")
             elapsed = time.perf_counter() - self._started
             results = iter(replies)
-            out = []
+            out: list[tuple[Deliver, Sequence[int]]] = []
             for takes, deliver in batch:
                 if self.atomic:
-                    out.append((deliver, _replies(next(results), len(takes))))
-                else:
-                    out.append((deliver, [_replies(next(results), 1)[0] for _ in takes]))
+                    out.append((deliver, next(results)))
+                else:  # a call per key: their replies end to end, as one call's would be
+                    out.append((deliver, [n for _ in takes for n in next(results)[:5]]))
             seconds, micros = replies[-1][-2], replies[-1][-1]
         except BucketsUnavailable as exc:
             self._fail(exc)
@@ -378,7 +381,7 @@ class RedisBuckets:
                 await self.client.connection_pool.release(conn)
 
 
-def _deliver(deliver: Deliver, replies: list[Reply] | None, exc: BaseException | None) -> None:
+def _deliver(deliver: Deliver, replies: Sequence[int] | None, exc: BaseException | None) -> None:
     try:
         deliver(replies, exc)
     except Exception:

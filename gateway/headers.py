@@ -19,8 +19,9 @@ def append_forwarded_for(existing: list[str], peer: str) -> str:
     return peer
 
 
-def limit_headers(decision: Decision) -> dict[str, str]:
-    """The rate-limit fields of draft-ietf-httpapi-ratelimit-headers-10 plus the legacy trio.
+def limit_block(decision: Decision) -> bytes:
+    """The rate-limit fields of draft-ietf-httpapi-ratelimit-headers-10 plus the legacy trio,
+    as header lines.
 
     `RateLimit-Policy` lists every policy that applied, `RateLimit` their state: `r` the whole
     tokens left, `t` the seconds until at least one token is there (0 when r >= 1). The
@@ -29,29 +30,38 @@ def limit_headers(decision: Decision) -> dict[str, str]:
     is listed in the policy field only.
     """
     verdicts = decision.verdicts
-    members = [v.policy.member for v in verdicts]
+    concurrency = decision.concurrency
+    members = ", ".join([v.policy.member for v in verdicts])
+    if concurrency is not None:
+        member = concurrency[0].concurrent_member
+        members = f"{members}, {member}" if members else member
     state = []
-    if decision.concurrency is not None:
-        members.append(decision.concurrency[0].concurrent_member)
-    out = {"RateLimit-Policy": members[0] if len(members) == 1 else ", ".join(members)}
     tight = None
     for v in verdicts:
         if not v.known:
             continue
-        t = math.ceil(v.next_token - 1e-6) if v.next_token > 0 else 0
-        state.append(f"{v.policy.quoted};r={v.remaining if v.remaining > 0 else 0};t={t}")
+        next_token = v.next_token
+        remaining = v.remaining
+        state.append(
+            f"{v.policy.quoted};r={remaining if remaining > 0 else 0};"
+            f"t={math.ceil(next_token - 1e-6) if next_token > 0 else 0}"
+        )
         if tight is None or _tighter(v, tight):
             tight = v
-    if decision.concurrency is not None:
-        capped, free = decision.concurrency
+    if concurrency is not None:
+        capped, free = concurrency
         state.append(f'"{capped.concurrent_name}";r={free};t={0 if free else 1}')
+    lines = f"RateLimit-Policy: {members}\r\n"
     if state:
-        out["RateLimit"] = ", ".join(state)
+        lines += f"RateLimit: {', '.join(state)}\r\n"
     if tight is not None:
-        out["X-RateLimit-Limit"] = str(tight.policy.burst)
-        out["X-RateLimit-Remaining"] = str(tight.remaining if tight.remaining > 0 else 0)
-        out["X-RateLimit-Reset"] = str(math.ceil(tight.reset - 1e-6) if tight.reset > 0 else 0)
-    return out
+        remaining = tight.remaining if tight.remaining > 0 else 0
+        reset = math.ceil(tight.reset - 1e-6) if tight.reset > 0 else 0
+        lines += (
+            f"X-RateLimit-Limit: {tight.policy.burst}\r\nX-RateLimit-Remaining: {remaining}\r\n"
+            f"X-RateLimit-Reset: {reset}\r\n"
+        )
+    return lines.encode()
 
 
 def _tighter(a: Verdict, b: Verdict) -> bool:

@@ -19,7 +19,7 @@ import hashlib
 import ipaddress
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
@@ -317,10 +317,10 @@ class Limiter:
             done(decision, None)
             return
 
-        def replied(replies: list[Reply] | None, exc: BaseException | None) -> None:
+        def replied(flat: Sequence[int] | None, exc: BaseException | None) -> None:
             try:
-                if replies is not None:
-                    decision = self._verdicts(policies, takes, replies)
+                if flat is not None:
+                    decision = self._verdicts(policies, takes, flat)
                 else:  # decided without Redis (see _buckets)
                     decision = self._degraded(takes, policies, transient=self.healthy)
             except LimiterUnavailable as error:
@@ -335,21 +335,44 @@ class Limiter:
             return Decision((), True)
         if self.healthy:
             try:
-                replies = await self.buckets.take(takes)
+                flat = await self._take_flat(takes)
             except BucketsUnavailable:
                 # Decided without Redis. While the breaker stays closed (one missed deadline:
                 # Redis may be fine and this process late) every policy uses the local bucket,
                 # metered: failing a `closed` policy over one slow round trip would turn
                 # away requests that Redis would have admitted.
                 return self._degraded(takes, policies, transient=self.healthy)
-            return self._verdicts(policies, takes, replies)
+            return self._verdicts(policies, takes, flat)
         return self._degraded(takes, policies)
 
-    def _verdicts(
-        self, policies: list[Policy], takes: list[Take], replies: list[Reply]
-    ) -> Decision:
-        """The decision Redis's replies make, counted."""
-        verdicts = tuple([Verdict(p, *r) for p, r in zip(policies, replies, strict=True)])
+    def _take_flat(self, takes: list[Take]) -> asyncio.Future[Sequence[int]]:
+        future: asyncio.Future[Sequence[int]] = asyncio.get_running_loop().create_future()
+
+        def deliver(flat: Sequence[int] | None, exc: BaseException | None) -> None:
+            if not future.done():
+                if flat is None:
+                    future.set_exception(exc or BucketsUnavailable("no reply"))
+                else:
+                    future.set_result(flat)
+
+        self.buckets.take_then(takes, deliver)
+        return future
+
+    def _verdicts(self, policies: list[Policy], takes: list[Take], flat: Sequence[int]) -> Decision:
+        """The decision the script's replies make (five integers per bucket), counted."""
+        verdicts = tuple(
+            [
+                Verdict(
+                    p,
+                    flat[i] == 1,
+                    flat[i + 1],
+                    flat[i + 2] / 1e6,
+                    flat[i + 3] / 1e6,
+                    flat[i + 4] / 1e6,
+                )
+                for p, i in zip(policies, range(0, 5 * len(policies), 5), strict=True)
+            ]
+        )
         allowed = True
         for verdict in verdicts:
             if verdict.allowed:

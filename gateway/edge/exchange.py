@@ -59,6 +59,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _PROBLEM = PROBLEM_JSON.encode()
+_PROBLEMS: dict[tuple[object, ...], bytes] = {}  # a problem's JSON up to its request id
+_PROBLEMS_KEPT = 4096
+
+
+def problem(exc: GatewayError, request_id: str) -> bytes:
+    """The RFC 9457 body for `exc`. The part before the request id is rendered once per
+    distinct problem (a 429 flood repeats a handful), so a refusal costs no JSON encoding."""
+    key = (type(exc), exc.detail, *[(k, tuple(v) if isinstance(v, list) else v)
+                                    for k, v in exc.members.items()])  # fmt: skip
+    head = _PROBLEMS.get(key)
+    if head is None:
+        head = problem_body(exc.status, exc.title, exc.detail, "", exc.members, exc.type)
+        head = head[: head.rindex(b'""')]  # ends with `"request_id": ` (then the id, quoted)
+        if len(_PROBLEMS) >= _PROBLEMS_KEPT:
+            _PROBLEMS.clear()
+        _PROBLEMS[key] = head
+    return b'%s"%s"}' % (head, request_id.encode())
 
 
 class Exchange(Relay):
@@ -204,7 +221,7 @@ class Exchange(Relay):
                 return
             if decision is not None:
                 self.decision = decision
-                self.limit_block = header_block(hdrs.limit_headers(decision))
+                self.limit_block = hdrs.limit_block(decision)
                 if not decision.allowed:
                     self.fail(decision.denial())
                     return
@@ -240,7 +257,7 @@ class Exchange(Relay):
                 raise error
             if decision is not None:
                 self.decision = decision
-                self.limit_block = header_block(hdrs.limit_headers(decision))
+                self.limit_block = hdrs.limit_block(decision)
                 if not decision.allowed:
                     raise decision.denial()
             if not self.body_done:
@@ -380,15 +397,14 @@ class Exchange(Relay):
             return
         from gateway.edge.routes import Reply
 
-        extra = dict(exc.headers)
+        extra = header_block(exc.headers) if exc.headers else b""
         if isinstance(exc, Unauthorized):
             # RFC 6750 §3: the challenge says what is wrong, never echoing the token.
-            extra["WWW-Authenticate"] = (
-                f'Bearer realm="pixelcraft", error="invalid_token", '
-                f'error_description="{exc.detail}"'
-            )
-        body = problem_body(exc.status, exc.title, exc.detail, self.rid, exc.members, exc.type)
-        self.reply(Reply(exc.status, body, _PROBLEM, header_block(extra)))
+            extra += (
+                f'WWW-Authenticate: Bearer realm="pixelcraft", error="invalid_token", '
+                f'error_description="{exc.detail}"\r\n'
+            ).encode()
+        self.reply(Reply(exc.status, problem(exc, self.rid), _PROBLEM, extra))
 
     # --- the end ------------------------------------------------------------------------------
 
