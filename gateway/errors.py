@@ -20,6 +20,9 @@ class GatewayError(Exception):
         self.detail = detail
         self.members: dict[str, Any] = {}
         self.headers: dict[str, str] = {}
+        # (body up to the request id, header lines), rendered at its first answer: a problem
+        # kept and answered again (a 429's, see Decision.denial) is encoded once.
+        self.rendered: tuple[bytes, bytes] | None = None
 
 
 class BadHeader(GatewayError):

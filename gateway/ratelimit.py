@@ -85,14 +85,29 @@ class Decision:
                 "once; retry when one of yours has finished"
             )
             return RateLimited(detail, [name], CONCURRENT_RETRY_AFTER)
-        retry_after = max(1, math.ceil(max(v.retry_after for v in denied) - 1e-6))
-        tight = max(denied, key=lambda v: v.retry_after).policy
+        tight_verdict = max(denied, key=lambda v: v.retry_after)
+        retry_after = max(1, math.ceil(tight_verdict.retry_after - 1e-6))
+        tight = tight_verdict.policy
+        key = (tight.name, tight.burst, tight.rate_text, tight.cost, retry_after,
+               *[v.policy.name for v in denied])  # fmt: skip
+        found = _DENIALS.get(key)
+        if found is not None:
+            return found  # never raised, only answered: one instance serves every repeat
         noun = "request" if tight.cost == 1 else f"request costing {tight.cost} tokens"
         detail = (
             f'rate limit "{tight.name}" exceeded: {tight.burst} tokens, refilled at '
             f"{tight.rate_text}; this {noun} can be retried in {retry_after} s"
         )
-        return RateLimited(detail, [v.policy.name for v in denied], retry_after)
+        denial = RateLimited(detail, [v.policy.name for v in denied], retry_after)
+        if len(_DENIALS) >= DENIALS_KEPT:
+            _DENIALS.clear()
+        _DENIALS[key] = denial
+        return denial
+
+
+# 429 problems by what they say: a flood of refusals repeats a handful of them.
+_DENIALS: dict[tuple[object, ...], RateLimited] = {}
+DENIALS_KEPT = 1024
 
 
 Decided = Callable[["Decision | None", "GatewayError | None"], None]

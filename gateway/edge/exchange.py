@@ -27,6 +27,7 @@ from gateway import headers as hdrs
 from gateway.edge.flow import BODY
 from gateway.edge.relay import Relay
 from gateway.edge.request import Request
+from gateway.edge.routes import Reply
 from gateway.edge.upstream import UpstreamConnection
 from gateway.edge.wire import (
     CLIENT_CLOSED,
@@ -54,28 +55,18 @@ from pixelcraft.logs import request_id_var
 
 if TYPE_CHECKING:
     from gateway.edge.connection import Connection
-    from gateway.edge.routes import Reply, Route
+    from gateway.edge.routes import Route
 
 logger = logging.getLogger(__name__)
 
 _PROBLEM = PROBLEM_JSON.encode()
-_PROBLEMS: dict[tuple[object, ...], bytes] = {}  # a problem's JSON up to its request id
-_PROBLEMS_KEPT = 4096
 
 
-def problem(exc: GatewayError, request_id: str) -> bytes:
-    """The RFC 9457 body for `exc`. The part before the request id is rendered once per
-    distinct problem (a 429 flood repeats a handful), so a refusal costs no JSON encoding."""
-    key = (type(exc), exc.detail, *[(k, tuple(v) if isinstance(v, list) else v)
-                                    for k, v in exc.members.items()])  # fmt: skip
-    head = _PROBLEMS.get(key)
-    if head is None:
-        head = problem_body(exc.status, exc.title, exc.detail, "", exc.members, exc.type)
-        head = head[: head.rindex(b'""')]  # ends with `"request_id": ` (then the id, quoted)
-        if len(_PROBLEMS) >= _PROBLEMS_KEPT:
-            _PROBLEMS.clear()
-        _PROBLEMS[key] = head
-    return b'%s"%s"}' % (head, request_id.encode())
+def problem_head(exc: GatewayError) -> bytes:
+    """The RFC 9457 body for `exc` up to its request id (ending `"request_id": `): the id is
+    appended per response. (Request ids are of a safe alphabet: no JSON escaping needed.)"""
+    body = problem_body(exc.status, exc.title, exc.detail, "", exc.members, exc.type)
+    return body[: body.rindex(b'""')]
 
 
 class Exchange(Relay):
@@ -259,7 +250,8 @@ class Exchange(Relay):
                 self.decision = decision
                 self.limit_block = hdrs.limit_block(decision)
                 if not decision.allowed:
-                    raise decision.denial()
+                    self.fail(decision.denial())  # answered, not raised: it may be shared
+                    return
             if not self.body_done:
                 if self.request.expect_continue and not self.body_size:
                     self.conn.write(CONTINUE)  # RFC 9110 §10.1.1: only once it would be taken
@@ -395,16 +387,19 @@ class Exchange(Relay):
             self.conn.abort()
             self.finish()
             return
-        from gateway.edge.routes import Reply
-
-        extra = header_block(exc.headers) if exc.headers else b""
-        if isinstance(exc, Unauthorized):
-            # RFC 6750 §3: the challenge says what is wrong, never echoing the token.
-            extra += (
-                f'WWW-Authenticate: Bearer realm="pixelcraft", error="invalid_token", '
-                f'error_description="{exc.detail}"\r\n'
-            ).encode()
-        self.reply(Reply(exc.status, problem(exc, self.rid), _PROBLEM, extra))
+        rendered = exc.rendered
+        if rendered is None:
+            extra = header_block(exc.headers) if exc.headers else b""
+            if isinstance(exc, Unauthorized):
+                # RFC 6750 §3: the challenge says what is wrong, never echoing the token.
+                extra += (
+                    f'WWW-Authenticate: Bearer realm="pixelcraft", error="invalid_token", '
+                    f'error_description="{exc.detail}"\r\n'
+                ).encode()
+            rendered = exc.rendered = (problem_head(exc), extra)
+        head, extra = rendered
+        body = b'%s"%s"}' % (head, self.rid.encode())
+        self.reply(Reply(exc.status, body, _PROBLEM, extra))
 
     # --- the end ------------------------------------------------------------------------------
 
