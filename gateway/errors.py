@@ -88,8 +88,8 @@ class HeadersTooLarge(GatewayError):
     title = "Request Header Fields Too Large"
 
 
-class BodyBufferFull(GatewayError):
-    """Request bodies held in memory have reached GATEWAY_CLIENT_BODY_BUFFER_TOTAL_BYTES."""
+class Unavailable(GatewayError):
+    """503 for now: the client may retry after `retry_after` seconds."""
 
     status = 503
     title = "Service Unavailable"
@@ -97,6 +97,10 @@ class BodyBufferFull(GatewayError):
     def __init__(self, detail: str, retry_after: int) -> None:
         super().__init__(detail)
         self.headers["Retry-After"] = str(retry_after)
+
+
+class BodyBufferFull(Unavailable):
+    """Request bodies held in memory have reached GATEWAY_CLIENT_BODY_BUFFER_TOTAL_BYTES."""
 
 
 class Unauthorized(GatewayError):
@@ -142,15 +146,8 @@ class RateLimited(GatewayError):
         self.headers["Retry-After"] = str(retry_after)
 
 
-class LimiterUnavailable(GatewayError):
+class LimiterUnavailable(Unavailable):
     """Redis is unavailable and a policy that applies says failure_mode = "closed"."""
-
-    status = 503
-    title = "Service Unavailable"
-
-    def __init__(self, detail: str, retry_after: int) -> None:
-        super().__init__(detail)
-        self.headers["Retry-After"] = str(retry_after)
 
 
 class RedisUnreachable(DependencyUnavailable):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway import headers as hdrs
@@ -198,11 +199,15 @@ class Relay:
         head = self.upstream_head()
         upstream = self.plane.pool.take()
         if upstream is None:
-            self.task = self.plane.loop.create_task(self._connect_then_send(head))
+            self.task = self.plane.loop.create_task(
+                self._connect_then(lambda new: self._send(new, head))
+            )
         else:
             self._send(upstream, head)
 
-    async def _connect_then_send(self, head: bytes) -> None:
+    async def _connect_then(self, send: Callable[[UpstreamConnection], None]) -> None:
+        """A new upstream connection (the pool had no idle one, or the keep-alive race), then
+        `send` on it."""
         request_id_var.set(self.rid)
         try:
             upstream = await self._connect()
@@ -214,7 +219,7 @@ class Relay:
         if self.finished:  # the client left meanwhile
             upstream.release()
             return
-        self._send(upstream, head)
+        send(upstream)
 
     async def _connect(self) -> UpstreamConnection:
         plane = self.plane
@@ -266,19 +271,8 @@ class Relay:
         else:
             self.conn.reading.pause(PEER)
 
-    async def _resend(self, data: bytes) -> None:
+    def _resend(self, upstream: UpstreamConnection, data: bytes) -> None:
         """The keep-alive race: the same request on another connection, once."""
-        request_id_var.set(self.rid)
-        try:
-            upstream = await self._connect()
-        except GatewayError as exc:
-            self.fail(exc)
-            return
-        except asyncio.CancelledError:
-            return
-        if self.finished:
-            upstream.release()
-            return
         self.upstream = upstream
         upstream.send(self, data, head_only=self.request.method == "HEAD")
         upstream.sent(self.plane.first_byte_timeout)
@@ -443,7 +437,9 @@ class Relay:
         retry = self.retry
         if kind == "reset" and retry is not None and upstream is not None and not upstream.received:
             self.retry = None
-            self.task = plane.loop.create_task(self._resend(retry))
+            self.task = plane.loop.create_task(
+                self._connect_then(lambda new: self._resend(new, retry))
+            )
             return
         plane.upstream_error(kind)
         pool = plane.pool

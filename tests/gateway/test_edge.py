@@ -523,3 +523,59 @@ async def test_upload_pauses_the_client_while_the_upstream_does_not_read(
     response = await asyncio.wait_for(read_response(reader), 30)
     assert json.loads(response.body)["body_bytes"] == total
     writer.close()
+
+
+class ForgetfulUpstream:
+    """A raw upstream whose first connection from the gateway's pool answers one request,
+    keeps alive, then closes on the next without a word: the keep-alive race (it closed just
+    as the gateway sent). Requests of the gateway's own (boot check, OpenAPI document: no
+    X-Request-Id) are answered and not recorded."""
+
+    def __init__(self) -> None:
+        self.pooled = 0  # connections that carried proxied requests
+        self.requests: list[bytes] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = 0
+        answered = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                if b"\r\nX-Request-Id:" in head:
+                    if not number:
+                        self.pooled += 1
+                        number = self.pooled
+                    self.requests.append(head.split(b" ")[1])
+                    if number == 1 and answered == 1:
+                        break  # the race: closed, nothing answered
+                    answered += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+
+@pytest.mark.parametrize(("method", "status"), [("GET", 200), ("POST", 502)])
+async def test_the_keep_alive_race_is_retried_once_for_idempotent_methods(
+    make_gateway: GatewayFactory, method: str, status: int
+) -> None:
+    forgetful = ForgetfulUpstream()
+    server = await asyncio.start_server(forgetful.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = await make_gateway(f"http://127.0.0.1:{port}", gateway_ratelimit_enabled=False)
+        first = await client.get("/a")
+        assert first.status == 200
+        second = await client.request(method, "/b", data=b"x" if method == "POST" else None)
+        assert second.status == status
+        # GET: sent again on a new connection; POST: never twice (it may have been acted on).
+        expected = [b"/a", b"/b", b"/b"] if method == "GET" else [b"/a", b"/b"]
+        assert forgetful.requests == expected
+    finally:
+        server.close()
+        await server.wait_closed()
