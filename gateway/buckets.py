@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import NoScriptError
@@ -30,6 +30,8 @@ from gateway.resp import RespWire, pack, release, take_over
 from pixelcraft.aio import cancel
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def script_source() -> str:
@@ -134,21 +136,29 @@ class RedisBuckets:
         self._fail(BucketsUnavailable("the gateway is stopping"), count=False)
         pending, self._pending = self._pending, []
         for _, deliver in pending:
-            _deliver(deliver, None, BucketsUnavailable("the gateway is stopping"))
+            _guard(deliver, None, BucketsUnavailable("the gateway is stopping"))
         await self._drop_connection()
 
     def take(self, takes: Sequence[Take]) -> asyncio.Future[list[Reply]]:
         """Queue one request's bucket operations; the future gets one Reply per Take."""
-        future: asyncio.Future[list[Reply]] = self.loop.create_future()
         count = len(takes)
+        return self._future(takes, lambda flat: _replies(flat, count))
+
+    def take_flat(self, takes: Sequence[Take]) -> asyncio.Future[Sequence[int]]:
+        """`take()` with the script's integers as they came (five per Take, see _replies)."""
+        return self._future(takes, lambda flat: flat)
+
+    def _future(
+        self, takes: Sequence[Take], result: Callable[[Sequence[int]], T]
+    ) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = self.loop.create_future()
 
         def deliver(flat: Sequence[int] | None, exc: BaseException | None) -> None:
-            if future.done():
-                return
-            if exc is not None or flat is None:
-                future.set_exception(exc or BucketsUnavailable("no reply"))
-            else:
-                future.set_result(_replies(flat, count))
+            if not future.done():
+                if flat is None:
+                    future.set_exception(exc or BucketsUnavailable("no reply"))
+                else:
+                    future.set_result(result(flat))
 
         self.take_then(takes, deliver)
         return future
@@ -279,7 +289,7 @@ class RedisBuckets:
         # Redis's clock at the middle of the round trip, against ours.
         _guard(self._on_round_trip, elapsed, seconds + micros / 1e6 - (time.time() - elapsed / 2))
         for deliver, result in out:
-            _deliver(deliver, result, None)
+            _guard(deliver, result, None)
 
     def _late(self) -> None:
         """The deadline: the batch is answered now, without Redis; replies that may still come
@@ -296,7 +306,7 @@ class RedisBuckets:
             wire.close(reason)
         conn, self._conn = self._conn, None
         if conn is not None:
-            self._spawn(release(conn))
+            self._spawn(self._give_back(conn))
 
     def _end(self) -> None:
         self._batch = None
@@ -318,31 +328,17 @@ class RedisBuckets:
         if count:
             _guard(self._on_error, exc)
         for _, deliver in batch:
-            _deliver(deliver, None, exc)
+            _guard(deliver, None, exc)
 
     async def _cluster_round_trip(self, calls: Sequence[Sequence[Take]]) -> None:
         """redis-py's Cluster pipeline: it routes each one-key call to its node."""
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for call in calls:
-                # execute_command: the Cluster pipeline blocks its evalsha() helper, the raw
-                # command is routed by its key like any other.
-                keys = [take.key for take in call]
-                args = [a for t in call for a in (t.interval_us, t.burst, t.cost, t.force)]
-                pipe.execute_command("EVALSHA", self.sha, len(call), *keys, *args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            replies = await self._cluster_pipeline(calls)
             missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
             if missing:
                 await self.load()
-                again = self.client.pipeline(transaction=False)
-                for i in missing:
-                    call = calls[i]
-                    keys = [take.key for take in call]
-                    args = [a for t in call for a in (t.interval_us, t.burst, t.cost, t.force)]
-                    again.execute_command("EVALSHA", self.sha, len(call), *keys, *args)
-                for i, reply in zip(
-                    missing, await again.execute(raise_on_error=False), strict=True
-                ):
+                again = await self._cluster_pipeline([calls[i] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
         except asyncio.CancelledError:
             raise
@@ -350,6 +346,17 @@ class RedisBuckets:
             self._fail(BucketsUnavailable(f"{type(exc).__name__}: {exc}"))
             return
         self._replied(replies, None)
+
+    async def _cluster_pipeline(self, calls: Sequence[Sequence[Take]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for call in calls:
+            # execute_command: the Cluster pipeline blocks its evalsha() helper, the raw
+            # command is routed by its key like any other.
+            keys = [take.key for take in call]
+            args = [a for t in call for a in (t.interval_us, t.burst, t.cost, t.force)]
+            pipe.execute_command("EVALSHA", self.sha, len(call), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     def _packed(self, call: Sequence[Take]) -> bytes:
         """EVALSHA <sha> <n> <keys> <interval burst cost force>... in RESP, parts cached."""
@@ -371,28 +378,26 @@ class RedisBuckets:
         return b"".join(parts)
 
     async def _drop_connection(self) -> None:
-        wire, self._wire = self._wire, None
-        if wire is not None:
-            wire.close("the limiter's connection is replaced")
-        conn, self._conn = self._conn, None
+        conn = self._conn
+        self._conn = None
+        self._discard_wire("the limiter's connection is replaced")
         if conn is not None:
-            await release(conn)
-            with contextlib.suppress(Exception):
-                await self.client.connection_pool.release(conn)
+            await self._give_back(conn)
 
-
-def _deliver(deliver: Deliver, replies: Sequence[int] | None, exc: BaseException | None) -> None:
-    try:
-        deliver(replies, exc)
-    except Exception:
-        logger.exception("a rate-limit decision's callback failed")
+    async def _give_back(self, conn: Any) -> None:
+        """The redis-py connection behind a dropped wire: disconnected, back in its pool."""
+        await release(conn)
+        with contextlib.suppress(Exception):
+            await self.client.connection_pool.release(conn)
 
 
 def _guard(callback: Callable[..., None], *args: Any) -> None:
+    """A callback of the limiter's (a decision, a round trip's report) that must not break the
+    batch for the others."""
     try:
         callback(*args)
     except Exception:
-        logger.exception("the limiter's round-trip callback failed")
+        logger.exception("a rate-limit callback failed")
 
 
 class LocalBuckets:

@@ -3,8 +3,8 @@
 The client address is the socket peer, unless that peer is a trusted proxy: then
 `X-Forwarded-For` is walked right to left over trusted hops and the first untrusted address is
 the client (the rightmost address nobody we trust vouches for). Identity is, first that applies:
-a verified JWT's `sub` (JWT mode), a well-formed `X-User-Id` (not in JWT mode), the client
-address.
+a verified JWT's `sub` (JWT mode), a well-formed `X-User-Id` where GATEWAY_USER_ID_HEADER lets
+it be believed (the data plane decides that), the client address.
 """
 
 from __future__ import annotations
@@ -52,6 +52,12 @@ def _trusted(address: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
     return any(address in network for network in trusted)
 
 
+def trusted_peer(peer: str, trusted: Sequence[IPNetwork]) -> bool:
+    """Whether a socket peer is one of GATEWAY_TRUSTED_PROXIES."""
+    address = _parse(peer)
+    return address is not None and _trusted(address, trusted)
+
+
 @dataclass(frozen=True, slots=True)
 class Client:
     """Where a request comes from: the resolved client address, and whether the socket peer is
@@ -95,7 +101,7 @@ def header_user(values: Sequence[str]) -> str | None:
 
 
 def resolve_plain(user_ids: Sequence[str], client: str) -> Identity:
-    """Not in JWT mode: a well-formed X-User-Id, else the client address."""
+    """A believed X-User-Id when well formed, else the client address."""
     user = header_user(user_ids)
     if user is not None:
         return Identity("header", user)
@@ -105,7 +111,7 @@ def resolve_plain(user_ids: Sequence[str], client: str) -> Identity:
 async def resolve_jwt(
     authorization: Sequence[str], client: str, verifier: TokenVerifier
 ) -> Identity:
-    """JWT mode: a verified bearer token's `sub`, else the client address (never X-User-Id)."""
+    """JWT mode: a verified bearer token's `sub`, else the client address."""
     if len(authorization) > 1:
         raise BadHeader("Authorization", "sent more than once")
     try:

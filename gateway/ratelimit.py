@@ -350,7 +350,7 @@ class Limiter:
             return Decision((), True)
         if self.healthy:
             try:
-                flat = await self._take_flat(takes)
+                flat = await self.buckets.take_flat(takes)
             except BucketsUnavailable:
                 # Decided without Redis. While the breaker stays closed (one missed deadline:
                 # Redis may be fine and this process late) every policy uses the local bucket,
@@ -359,19 +359,6 @@ class Limiter:
                 return self._degraded(takes, policies, transient=self.healthy)
             return self._verdicts(policies, takes, flat)
         return self._degraded(takes, policies)
-
-    def _take_flat(self, takes: list[Take]) -> asyncio.Future[Sequence[int]]:
-        future: asyncio.Future[Sequence[int]] = asyncio.get_running_loop().create_future()
-
-        def deliver(flat: Sequence[int] | None, exc: BaseException | None) -> None:
-            if not future.done():
-                if flat is None:
-                    future.set_exception(exc or BucketsUnavailable("no reply"))
-                else:
-                    future.set_result(flat)
-
-        self.buckets.take_then(takes, deliver)
-        return future
 
     def _verdicts(self, policies: list[Policy], takes: list[Take], flat: Sequence[int]) -> Decision:
         """The decision the script's replies make (five integers per bucket), counted."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 import logging
 from typing import TYPE_CHECKING, cast
 
@@ -29,7 +28,7 @@ from gateway.edge.exchange import Exchange
 from gateway.edge.flow import PEER, PIPELINE, Reading
 from gateway.edge.request import Request, parse_head
 from gateway.errors import BadRequest, GatewayError, HeadersTooLarge, TargetTooLong
-from gateway.identity import Client
+from gateway.identity import Client, trusted_peer
 
 if TYPE_CHECKING:
     from gateway.edge.plane import DataPlane, Site
@@ -75,7 +74,6 @@ class Connection(asyncio.Protocol):
         self.starting = False
         self.stopped = False  # nothing more is parsed (refused, upgraded)
         self.closing = False
-        self.discarding = False
         self.writable = True
         self.upgrade_rest = b""
         self.timer: asyncio.TimerHandle | None = None
@@ -95,7 +93,7 @@ class Connection(asyncio.Protocol):
         if peer.startswith("::ffff:") and "." in peer:
             peer = peer[7:]  # an IPv4 client on a dual-stack socket
         self.peer = peer
-        if plane.trusted and _within(peer, plane.trusted):
+        if plane.trusted and trusted_peer(peer, plane.trusted):
             self.peer_trusted = True
         else:
             self.client = Client(peer, False)
@@ -349,7 +347,6 @@ class Connection(asyncio.Protocol):
     def linger(self) -> None:
         """Answered before the request was read: drop what still comes, then close."""
         self.stopped = True
-        self.discarding = True
         self.parsing = None
         self.queue.clear()
         transport = self.transport
@@ -430,11 +427,3 @@ class Connection(asyncio.Protocol):
         # The header deadline or keep-alive idleness: nothing to answer, the connection ends.
         self.closing = True
         self.transport.close()
-
-
-def _within(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(parsed in network for network in networks)

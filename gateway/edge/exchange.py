@@ -112,7 +112,6 @@ class Exchange(Relay):
         self.answered = False
         self.aborted: str | None = None
         self.finished = False
-        self.tunnel: object | None = None
 
     # --- deciding ------------------------------------------------------------------------------
 
@@ -208,15 +207,8 @@ class Exchange(Relay):
             return
 
         def decided(decision: Decision | None, trouble: GatewayError | None) -> None:
-            if self.finished:
-                return
-            if decision is not None:
-                self.decision = decision
-                self.limit_block = hdrs.limit_block(decision)
-                if not decision.allowed:
-                    self.fail(decision.denial())
-                    return
-            self.fail(error)  # the limiter unavailable (closed) does not hide why
+            if not self.finished and self.admitted(decision):
+                self.fail(error)  # the limiter unavailable (closed) does not hide why
 
         limiter.check_address_soon(self.client.address, decided)
 
@@ -246,12 +238,8 @@ class Exchange(Relay):
         try:
             if error is not None:
                 raise error
-            if decision is not None:
-                self.decision = decision
-                self.limit_block = hdrs.limit_block(decision)
-                if not decision.allowed:
-                    self.fail(decision.denial())  # answered, not raised: it may be shared
-                    return
+            if not self.admitted(decision):
+                return
             if not self.body_done:
                 if self.request.expect_continue and not self.body_size:
                     self.conn.write(CONTINUE)  # RFC 9110 §10.1.1: only once it would be taken
@@ -263,6 +251,18 @@ class Exchange(Relay):
             self.fail(exc)
         except Exception:
             self.crashed()
+
+    def admitted(self, decision: Decision | None) -> bool:
+        """Keep the limiter's decision (its RateLimit fields go on every answer); a denial is
+        answered here (a 429 problem, not raised: denials are shared, see Decision.denial)."""
+        if decision is None:
+            return True
+        self.decision = decision
+        self.limit_block = hdrs.limit_block(decision)
+        if not decision.allowed:
+            self.fail(decision.denial())
+            return False
+        return True
 
     def crashed(self) -> None:
         self.log(

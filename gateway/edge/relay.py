@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from gateway import headers as hdrs
 from gateway.edge.flow import BODY, PEER
+from gateway.edge.tunnel import Tunnel
 from gateway.edge.upstream import UpstreamConnection
 from gateway.edge.wire import (
     CHUNKED,
@@ -105,7 +106,6 @@ class Relay:
         "status",
         "streaming",
         "task",
-        "tunnel",
         "upstream",
         "upstream_status",
         "watcher",
@@ -140,7 +140,6 @@ class Relay:
     status: int
     keep_alive: bool
     finished: bool
-    tunnel: object | None
 
     # Provided by Exchange.
     def finish(self) -> None: ...
@@ -465,12 +464,10 @@ class Relay:
         upstream = self.upstream
         if self.finished or upstream is None:
             return
-        from gateway.edge.tunnel import Tunnel
-
         self.upstream = None
         self.write_head(101, self.head)
         self.status = 101
-        self.tunnel = Tunnel(
+        Tunnel(  # it keeps itself (DataPlane.tunnels) until either side closes
             self,  # type: ignore[arg-type]
             self.conn.detach(),
             upstream.detach(),

@@ -37,7 +37,6 @@ def _phrase(status: int) -> bytes:
 STATUS_LINES: dict[int, bytes] = {
     status: b"HTTP/1.1 %d %s\r\n" % (status, _phrase(status)) for status in range(100, 600)
 }
-REASONS: dict[int, str] = {status: _phrase(status).decode() for status in range(100, 600)}
 
 # RFC 9110 §7.6.1: a proxy removes these and every header `Connection` names; `Trailer` too,
 # since trailers are not forwarded. (`Upgrade` passes only on a WebSocket handshake.)

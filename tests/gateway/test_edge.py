@@ -21,6 +21,7 @@ from gateway.keys import access_log_key, plane_key
 from tests.conftest import wait_until
 from tests.gateway.conftest import FakeUpstream, GatewayFactory
 from tests.gateway.rawhttp import RawResponse, connect, read_response, send
+from tests.gateway.test_ratelimit import policy_file
 
 HOST = b"Host: chat.example.com\r\n"
 
@@ -167,8 +168,7 @@ async def test_h2c_upgrade_is_served_as_plain_http_and_the_trailing_request_too(
 async def test_pipelined_requests_are_answered_in_order_behind_a_429(
     upstream: FakeUpstream, make_gateway: GatewayFactory, tmp_path: Path
 ) -> None:
-    policies = tmp_path / "limits.toml"
-    policies.write_text('[default]\nrate = "1/minute"\nburst = 1\n')
+    policies = policy_file(tmp_path, text='[default]\nrate = "1/minute"\nburst = 1\n')
     client = await make_gateway(upstream.url, gateway_ratelimit_config=policies)
     spent, fresh = uuid.uuid4().hex, uuid.uuid4().hex
     (warm,), _ = await send(
@@ -310,8 +310,7 @@ class socket_port:
 async def test_expect_100_continue_only_after_size_and_limits_pass(
     upstream: FakeUpstream, make_gateway: GatewayFactory, tmp_path: Path
 ) -> None:
-    policies = tmp_path / "limits.toml"
-    policies.write_text('[default]\nrate = "1/minute"\nburst = 1\n')
+    policies = policy_file(tmp_path, text='[default]\nrate = "1/minute"\nburst = 1\n')
     client = await make_gateway(
         upstream.url, gateway_ratelimit_config=policies, gateway_max_body_bytes=1000
     )

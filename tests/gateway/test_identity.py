@@ -21,6 +21,7 @@ from gateway.ratelimit import Limiter
 from gateway.server import identity_warning
 from gateway.settings import GatewaySettings
 from tests.gateway.conftest import FakeUpstream, GatewayFactory
+from tests.gateway.test_ratelimit import policy_file
 
 JWT_SECRET = "s" * 40
 
@@ -73,12 +74,8 @@ async def test_anonymous_ids_cannot_be_claimed_by_header_or_token(
 
 
 def ceiling_only(tmp_path: Path, burst: int = 100) -> Path:
-    path = tmp_path / "limits.toml"
-    path.write_text(
-        '[default]\nrate = "1000/second"\nburst = 100000\n\n'
-        f'[ip]\nrate = "1/minute"\nburst = {burst}\n'
-    )
-    return path
+    return policy_file(tmp_path, rate="1000/second", burst=100000, ip_rate="1/minute",
+                       ip_burst=burst)  # fmt: skip
 
 
 async def test_a_flood_of_bad_tokens_meets_429(
@@ -129,8 +126,7 @@ address_burst = 5
 async def test_rotating_ids_on_the_chat_rule_meets_its_address_ceiling(
     upstream: FakeUpstream, make_gateway: GatewayFactory, tmp_path: Path
 ) -> None:
-    path = tmp_path / "limits.toml"
-    path.write_text(CHAT_CEILING)
+    path = policy_file(tmp_path, text=CHAT_CEILING)
     client = await make_gateway(upstream.url, gateway_ratelimit_config=path)
     statuses, violated = [], []
     for _ in range(30):
@@ -164,8 +160,7 @@ async def test_anonymous_ipv6_clients_share_their_64s_buckets(redis_url: str) ->
 async def test_junk_paths_never_become_route_labels(
     upstream: FakeUpstream, make_gateway: GatewayFactory, tmp_path: Path
 ) -> None:
-    path = tmp_path / "limits.toml"
-    path.write_text('[default]\nrate = "1/minute"\nburst = 1\n')
+    path = policy_file(tmp_path, text='[default]\nrate = "1/minute"\nburst = 1\n')
     client = await make_gateway(upstream.url, gateway_ratelimit_config=path)
     for i in range(300):  # each its own label in the old scheme, and answered 429
         resp = await client.get(f"/junk/{uuid.uuid4().hex[:12]}/{i}", headers={"X-User-Id": "j"})
