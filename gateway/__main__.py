@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import gateway.openssl_conf  # noqa: F401  (first: sets OPENSSL_CONF before OpenSSL loads)
+import gateway.tls.openssl  # noqa: F401  (first: sets OPENSSL_CONF before OpenSSL loads)
 
 # isort: split
+import os
 import sys
 
 import uvloop
 
-from gateway.policies import Policies, Policy, PolicyError, load_policies
-from gateway.server import serve
+from gateway.limiting.policies import Policies, Policy, PolicyError, load_policies
+from gateway.serving.server import Worker, serve
+from gateway.serving.supervisor import supervise
 from gateway.settings import GatewaySettings
-from gateway.supervisor import supervise
 from pixelcraft import logs
 from pixelcraft.boot import (
     EX_CONFIG,
@@ -55,7 +56,7 @@ def describe(policy: Policy) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # --worker (internal): one of GATEWAY_WORKERS processes started by the supervisor.
+    # --worker N (internal): worker N of GATEWAY_WORKERS processes started by the supervisor.
     args = command_line("python -m gateway", DESCRIPTION, argv, hidden=("--worker",))
     settings = load_settings(GatewaySettings, "gateway")
     policies = None
@@ -74,9 +75,15 @@ def main(argv: list[str] | None = None) -> None:
         check_config(settings, policy_lines(policies))
     logs.configure(settings.gateway_log_level, settings.gateway_log_format)
     try:
-        if settings.gateway_workers > 1 and not args.worker:
+        if args.worker is not None:
+            # The supervisor's shared directory: prometheus_client reads this variable itself
+            # (at import, to choose its multiprocess mode); the gateway reads it here, once.
+            worker = Worker(args.worker, os.environ["PROMETHEUS_MULTIPROC_DIR"])
+            uvloop.run(serve(settings, policies, worker=worker))
+        elif settings.gateway_workers > 1:
             sys.exit(uvloop.run(supervise(settings)))
-        uvloop.run(serve(settings, policies, reuse_port=args.worker, admin=not args.worker))
+        else:
+            uvloop.run(serve(settings, policies))
     except DependencyUnavailable as exc:
         fail(EX_UNAVAILABLE, f"gateway: {exc}")
     except OSError as exc:

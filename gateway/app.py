@@ -12,8 +12,8 @@ import aiohttp
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway.accesslog import AccessLog
-from gateway.acme import Challenges
+from gateway.auth.tokens import JWKSUnavailable, TokenVerifier
+from gateway.edge.accesslog import AccessLog
 from gateway.edge.plane import DataPlane
 from gateway.edge.routes import operations, public_routes
 from gateway.keys import (
@@ -27,14 +27,14 @@ from gateway.keys import (
     routes_key,
     settings_key,
 )
-from gateway.lifecycle import Lifecycle, ReloadFailed
-from gateway.metrics import Metrics, metrics_key, multiprocess_dir
+from gateway.limiting.backend import describe, redis_ctx
+from gateway.limiting.limiter import Limiter
+from gateway.limiting.policies import Policies, PolicyError, load_policies
+from gateway.metrics import Metrics, metrics_key
 from gateway.openapi import ApiDocument
-from gateway.policies import Policies, PolicyError, load_policies
-from gateway.ratelimit import Limiter
-from gateway.redis import describe, redis_ctx
+from gateway.serving.lifecycle import Lifecycle, ReloadFailed
 from gateway.settings import GatewaySettings
-from gateway.tokens import JWKSUnavailable, TokenVerifier
+from gateway.tls.acme import Challenges
 from pixelcraft.aio import cancel
 from pixelcraft.boot import DependencyUnavailable
 from pixelcraft.openapi import build_spec
@@ -212,7 +212,7 @@ def create_app(
     settings: GatewaySettings, metrics: Metrics | None = None, policies: Policies | None = None
 ) -> web.Application:
     """The gateway's composition root: its resources as cleanup contexts, its data plane
-    (gateway.edge) under `plane_key`, listening once gateway.server says so. `metrics` is
+    (gateway.edge) under `plane_key`, listening once gateway.serving.server says so. `metrics` is
     shared with the admin app that serves it. `policies` default to GATEWAY_RATELIMIT_CONFIG's
     (PolicyError if that file is unusable)."""
     metrics = metrics if metrics is not None else Metrics()
@@ -229,7 +229,7 @@ def create_app(
     app[lifecycle_key] = lifecycle
     app[plane_key] = plane
     app[routes_key] = public_routes(TITLE, challenges_on_api_port(settings))
-    if multiprocess_dir() is not None:
+    if metrics.multiprocess_dir is not None:
         app.cleanup_ctx.append(inflight_ctx)
     app.cleanup_ctx.append(plane_ctx)
     app.cleanup_ctx.append(redis_ctx)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 from redis.asyncio import Redis, RedisCluster
 
-from gateway.accesslog import AccessLog
+from gateway.edge.accesslog import AccessLog
 from gateway.edge.plane import DataPlane
 from gateway.edge.routes import Routes
-from gateway.lifecycle import Lifecycle
+from gateway.limiting.limiter import Limiter
+from gateway.limiting.policies import Policies
 from gateway.openapi import ApiDocument
-from gateway.policies import Policies
-from gateway.ratelimit import Limiter
+from gateway.serving.lifecycle import Lifecycle
 from gateway.settings import GatewaySettings
 
 settings_key = web.AppKey("settings", GatewaySettings)

@@ -7,7 +7,6 @@ import) and the supervising process serves their sum on the admin port.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -37,14 +36,15 @@ OTHER = "other"  # the label of any path the upstream's document does not name
 ROUTE_CACHE = 10_000  # paths whose label is remembered
 
 
-def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-
-
 class Metrics:
-    """Every metric of the contract that the gateway core records."""
+    """Every metric of the contract that the gateway core records. `multiprocess_dir`: the
+    supervisor's shared directory, in a worker (its samples go there) and in the supervisor
+    (it serves their sum); None in a single process."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: str | None = None
+    ) -> None:
+        self.multiprocess_dir = multiprocess_dir
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -153,7 +153,7 @@ class Metrics:
     def track_inflight(self, count: Callable[[], int]) -> None:
         """The in-flight gauge reads `count` at scrape time: no per-request cost. Worker
         processes (multiprocess mode, where callbacks cannot be summed) push it instead."""
-        if multiprocess_dir() is None:
+        if self.multiprocess_dir is None:
             self.inflight.set_function(count)
             return
         self._push_inflight = count
@@ -205,7 +205,7 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The exposition: this registry, or the sum over worker processes."""
-        path = multiprocess_dir()
+        path = self.multiprocess_dir
         if path is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         merged = CollectorRegistry()

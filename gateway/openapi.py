@@ -23,15 +23,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gateway.policies import Policies, Policy
+from gateway.limiting.policies import Policies, Policy
 from pixelcraft.aio import cancel
-from pixelcraft.users import ANONYMOUS_PREFIX, USER_ID_PATTERN
+from pixelcraft.contract import ANONYMOUS_PREFIX, USER_ID_PATTERN
+from pixelcraft.problems import PROBLEM_JSON
 
 logger = logging.getLogger(__name__)
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
-PROBLEM = "application/problem+json"
 RETRY_WHILE_EMPTY = 5.0  # seconds between fetches while no good copy is held
 
 HEADERS: dict[str, Any] = {
@@ -105,7 +105,7 @@ GATEWAY_SCHEMAS: dict[str, Any] = {
 def _gateway_problem(description: str) -> dict[str, Any]:
     return {
         "description": description,
-        "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/GatewayProblem"}}},
+        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/GatewayProblem"}}},
     }
 
 
@@ -280,7 +280,7 @@ def merge(
             "headers": {
                 name: {"$ref": f"#/components/headers/{name}"} for name in ("Retry-After", *HEADERS)
             },
-            "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/QuotaExceeded"}}},
+            "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/QuotaExceeded"}}},
         }
     if jwt:
         components.setdefault("securitySchemes", {})["bearerAuth"] = {

@@ -9,13 +9,12 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from pixelcraft.fields import Host, check_url, split_csv
+from gateway.limiting.policies import FailureMode
+from pixelcraft.fields import Host, IPNetwork, check_url, split_csv
 from pixelcraft.logs import LogFormat, LogLevel
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-FailureMode = Literal["local", "open", "closed"]
 UserIdHeader = Literal["trusted", "any", "off"]
 
 

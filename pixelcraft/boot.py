@@ -164,7 +164,8 @@ def boot_retrying(
 def command_line(
     prog: str, description: str, argv: list[str] | None, *, hidden: tuple[str, ...] = ()
 ) -> argparse.Namespace:
-    """Arguments shared by both services: --check-config, plus internal flags not in --help."""
+    """Arguments shared by both services: --check-config, plus internal options not in --help
+    (each takes an integer, None when absent)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument(
         "--check-config",
@@ -172,7 +173,7 @@ def command_line(
         help="validate the configuration, print the effective settings (secrets masked), exit",
     )
     for flag in hidden:
-        parser.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+        parser.add_argument(flag, type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

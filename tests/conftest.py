@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 import redis
 
-from pixelcraft import devservices
+from devtools import services as devservices
 
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"

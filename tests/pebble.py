@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from pixelcraft.devservices import free_port
+from devtools.services import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 APT_HINT = "apt-get install -y {pkg} (CI installs it through .ci/run)"

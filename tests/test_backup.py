@@ -21,8 +21,8 @@ import asyncpg
 import pytest
 import redis
 
-from pixelcraft import backup
-from pixelcraft.devservices import RedisServer, find_redis_server, free_port
+from devtools.services import RedisServer, find_redis_server, free_port
+from ops import backup
 from tests.conftest import service_env, wait_until, with_database
 from upstream.app import create_app
 from upstream.migrations import migrate

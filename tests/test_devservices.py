@@ -14,8 +14,8 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-import pixelcraft.devservices
-from pixelcraft.devservices import (
+import devtools.services
+from devtools.services import (
     DevServiceError,
     PostgresServer,
     RedisCluster,
@@ -184,7 +184,7 @@ async def test_redis_cluster_serves_keys_and_scripts_in_every_slot_range(tmp_pat
 def test_redis_cluster_without_redis_cli_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pixelcraft.devservices, "find_redis_cli", lambda: None)
+    monkeypatch.setattr(devtools.services, "find_redis_cli", lambda: None)
     cluster = RedisCluster(tmp_path / "cluster")
     with pytest.raises(DevServiceError, match="no redis-cli"):
         cluster.start()

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.services import free_port
 from gateway.settings import GatewaySettings
-from pixelcraft.devservices import free_port
 from tests.conftest import service_env, wait_until
 from upstream.app import create_app as create_upstream
 from upstream.settings import UpstreamSettings
@@ -38,7 +38,7 @@ ALERTS_YML = CONFIG / "alerts.yml"
 SEVERITIES = {"page", "ticket"}
 # Series Prometheus makes itself for every target, not exported by either service.
 SYNTHETIC = {"up"}
-# Exported only by a gateway whose TLS code is present (gateway/tls.py); see exported_names.
+# Exported only by a gateway whose TLS code is present (gateway/tls/); see exported_names.
 TLS_METRICS = {
     "gateway_tls_certificate_expiry_timestamp_seconds",
     "gateway_tls_reloads_total",
@@ -490,7 +490,7 @@ async def test_every_metric_the_rules_name_is_exported(exported: Families) -> No
         if name in SYNTHETIC or name in exported:
             continue
         if name in TLS_METRICS and not tls_available():
-            continue  # the other half of the contract lands with gateway/tls.py
+            continue  # the other half of the contract lands with gateway/tls/certificates.py
         missing.setdefault(name, where)
     assert missing == {}
 

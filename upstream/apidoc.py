@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pixelcraft.users import ANONYMOUS_PREFIX, USER_ID_PATTERN
+from pixelcraft.contract import ANONYMOUS_PREFIX, USER_ID_HEADER, USER_ID_PATTERN
+from pixelcraft.problems import PROBLEM_JSON
 from upstream.schemas import (
     ChatReplySchema,
     ChatRequestSchema,
@@ -18,11 +19,9 @@ from upstream.schemas import (
     ReadySchema,
 )
 
-PROBLEM = "application/problem+json"
-
 USER = {
     "in": "header",
-    "name": "X-User-Id",
+    "name": USER_ID_HEADER,
     "required": True,
     "description": "The user, as the gateway resolved it: a verified JWT `sub`, an X-User-Id it "
     f"believes, or `{ANONYMOUS_PREFIX}<address>` for an anonymous client (a namespace no client "
@@ -47,7 +46,7 @@ def problem(description: str, example: dict[str, Any] | None = None) -> dict[str
     media: dict[str, Any] = {"schema": ProblemSchema}
     if example is not None:
         media["example"] = example
-    return {"description": description, "content": {PROBLEM: media}}
+    return {"description": description, "content": {PROBLEM_JSON: media}}
 
 
 BAD_REQUEST = problem(

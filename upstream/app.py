@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from importlib.metadata import version
-from typing import Any
 
 from aiohttp import web
 
+from pixelcraft.aio import Tasks
 from pixelcraft.openapi import add_docs, app_operations, build_spec, json_bytes
 from upstream import handlers
 from upstream.db import pool_ctx
@@ -59,15 +58,9 @@ async def provider_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     """Background tasks (replies saved after the client left) finish before the pool closes."""
-    tasks: set[asyncio.Task[Any]] = set()
-    app[tasks_key] = tasks
+    tasks = app[tasks_key] = Tasks("chat service")
     yield
-    pending = app[tasks_key].copy()
-    if pending:
-        logger.info("waiting for %d background task(s)", len(pending))
-        _, late = await asyncio.wait(pending, timeout=10)
-        for task in late:
-            task.cancel()
+    await tasks.close(wait=10)
 
 
 def create_app(settings: UpstreamSettings, *, provider: Provider | None = None) -> web.Application:

@@ -8,7 +8,7 @@ import binascii
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,8 +17,8 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
+from pixelcraft.contract import USER_ID_HEADER, user_id_fault
 from pixelcraft.openapi import documented
-from pixelcraft.users import USER_ID
 from upstream import apidoc, chats, sse
 from upstream.db import acquire
 from upstream.errors import BadRequest, DatabaseUnavailable, LLMError, LLMUnavailable, NotFound
@@ -32,13 +32,10 @@ logger = logging.getLogger(__name__)
 
 def user_id(request: web.Request) -> str:
     """The X-User-Id the gateway forwards: exactly one, well formed."""
-    values = request.headers.getall("X-User-Id", [])
-    if not values:
-        raise BadRequest("X-User-Id: missing (the gateway sets it)", field="X-User-Id")
-    if len(values) > 1:
-        raise BadRequest("X-User-Id: sent more than once", field="X-User-Id")
-    if not USER_ID.match(values[0]):
-        raise BadRequest(f"X-User-Id: must match {USER_ID.pattern}", field="X-User-Id")
+    values = request.headers.getall(USER_ID_HEADER, [])
+    fault = "missing (the gateway sets it)" if not values else user_id_fault(values)
+    if fault is not None:
+        raise BadRequest(f"{USER_ID_HEADER}: {fault}", field=USER_ID_HEADER)
     return values[0]
 
 
@@ -97,15 +94,6 @@ def message_json(row: asyncpg.Record) -> dict[str, Any]:
     }
 
 
-def spawn(app: web.Application, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-    """Run `coro` in a task that outlives the handler; shutdown waits for it (tasks_ctx)."""
-    task = asyncio.get_running_loop().create_task(coro)
-    tasks = app[tasks_key]
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
-    return task
-
-
 @dataclass
 class Reply:
     """The assistant's answer as it arrives; saved once, complete or not."""
@@ -142,7 +130,7 @@ async def save_reply(app: web.Application, reply: Reply) -> int | None:
 
 def save_later(app: web.Application, reply: Reply) -> None:
     """Save from a task the cancelled handler does not own; failures are logged there."""
-    task = spawn(app, save_reply(app, reply))
+    task = app[tasks_key].spawn(save_reply(app, reply))
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
@@ -199,7 +187,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     except LLMError as exc:
         logger.warning("model failed in conversation %s: %s", convo["id"], exc.detail)
         if reply.parts:
-            await asyncio.shield(spawn(app, save_reply(app, reply)))
+            await asyncio.shield(app[tasks_key].spawn(save_reply(app, reply)))
         if response is None:
             raise
         await response.write(sse.event("error", error_body(exc)))
@@ -214,7 +202,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         logger.info("client left conversation %s; model request cancelled", convo["id"])
         save_later(app, reply)
         raise
-    message_id = await asyncio.shield(spawn(app, save_reply(app, reply)))
+    message_id = await asyncio.shield(app[tasks_key].spawn(save_reply(app, reply)))
     done = {
         "conversation_id": str(convo["id"]),
         "message_id": message_id,

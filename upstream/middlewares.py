@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from pixelcraft.contract import REQUEST_ID, REQUEST_ID_HEADER
 from pixelcraft.logs import request_id_var
+from pixelcraft.problems import PROBLEM_JSON, problem
 from upstream.errors import DatabaseUnavailable, InvalidFields, UpstreamError
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-PROBLEM_JSON = "application/problem+json"
 _OWN_HEADERS = {"content-type", "content-length"}
-
-
-def problem(status: int, title: str, detail: str, **extra: Any) -> dict[str, Any]:
-    """An RFC 9457 problem object."""
-    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
-    body["detail"] = detail
-    body.update(extra)
-    body["request_id"] = request_id_var.get()
-    return body
 
 
 def error_body(exc: UpstreamError) -> dict[str, Any]:
@@ -36,22 +26,22 @@ def error_body(exc: UpstreamError) -> dict[str, Any]:
         extra["errors"] = exc.errors
     if getattr(exc, "field", None):
         extra["field"] = exc.field  # type: ignore[attr-defined]
-    return problem(exc.status, exc.title, exc.detail, **extra)
+    return problem(exc.status, exc.title, exc.detail, request_id_var.get(), extra)
 
 
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Keep a well-formed X-Request-Id (the gateway sends one) or make one; echo it."""
-    given = request.headers.get("X-Request-Id", "")
+    given = request.headers.get(REQUEST_ID_HEADER, "")
     rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
     token = request_id_var.set(rid)
     try:
         response = await handler(request)
         if not response.prepared:
-            response.headers["X-Request-Id"] = rid
+            response.headers[REQUEST_ID_HEADER] = rid
         return response
     except web.HTTPException as exc:
-        exc.headers["X-Request-Id"] = rid
+        exc.headers[REQUEST_ID_HEADER] = rid
         raise
     finally:
         request_id_var.reset(token)
@@ -73,7 +63,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        body = problem(exc.status, exc.reason, exc.text or exc.reason)
+        body = problem(exc.status, exc.reason, exc.text or exc.reason, request_id_var.get())
         if exc.status == 405:
             body["detail"] = f"{request.method} is not allowed on {request.path}"
         elif exc.status == 404:
@@ -82,5 +72,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return web.json_response(body, status=exc.status, headers=keep, content_type=PROBLEM_JSON)
     except Exception:
         logger.exception("unhandled error in %s %s", request.method, request.path)
-        body = problem(500, "Internal Server Error", "an unexpected error occurred")
+        body = problem(
+            500, "Internal Server Error", "an unexpected error occurred", request_id_var.get()
+        )
         return web.json_response(body, status=500, content_type=PROBLEM_JSON)

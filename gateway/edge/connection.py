@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from gateway.auth.identity import Client, trusted_peer
 from gateway.edge.exchange import Exchange
 from gateway.edge.flow import PEER, PIPELINE, Reading
 from gateway.edge.request import Request, parse_head
 from gateway.errors import BadRequest, GatewayError, HeadersTooLarge, TargetTooLong
-from gateway.identity import Client, trusted_peer
 
 if TYPE_CHECKING:
     from gateway.edge.plane import DataPlane, Site

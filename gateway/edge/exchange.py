@@ -23,7 +23,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from gateway import headers as hdrs
+from gateway.auth.identity import Client, Identity, client_of, resolve_jwt, resolve_plain
 from gateway.edge.flow import BODY
 from gateway.edge.relay import Relay
 from gateway.edge.request import Request
@@ -33,12 +33,10 @@ from gateway.edge.wire import (
     CLIENT_CLOSED,
     CONTINUE,
     LAST_CHUNK,
-    PROBLEM_JSON,
     STATUS_LINES,
     chunk,
     header_block,
     printable,
-    problem_body,
 )
 from gateway.errors import (
     BodyBufferFull,
@@ -47,15 +45,17 @@ from gateway.errors import (
     RequestTimeout,
     Unauthorized,
 )
-from gateway.identity import Client, Identity, client_of, resolve_jwt, resolve_plain
+from gateway.limiting.decisions import Decision
+from gateway.limiting.headers import limit_block
+from gateway.limiting.usage import UsageWatcher
 from gateway.metrics import OTHER
-from gateway.ratelimit import Decision
-from gateway.usage import UsageWatcher
 from pixelcraft.logs import request_id_var
 
 if TYPE_CHECKING:
     from gateway.edge.connection import Connection
     from gateway.edge.routes import Route
+
+from pixelcraft.problems import PROBLEM_JSON, render
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ _PROBLEM = PROBLEM_JSON.encode()
 def problem_head(exc: GatewayError) -> bytes:
     """The RFC 9457 body for `exc` up to its request id (ending `"request_id": `): the id is
     appended per response. (Request ids are of a safe alphabet: no JSON escaping needed.)"""
-    body = problem_body(exc.status, exc.title, exc.detail, "", exc.members, exc.type)
+    body = render(exc.status, exc.title, exc.detail, "", exc.members, exc.type)
     return body[: body.rindex(b'""')]
 
 
@@ -258,7 +258,7 @@ class Exchange(Relay):
         if decision is None:
             return True
         self.decision = decision
-        self.limit_block = hdrs.limit_block(decision)
+        self.limit_block = limit_block(decision)
         if not decision.allowed:
             self.fail(decision.denial())
             return False

@@ -18,33 +18,32 @@ import asyncio
 import itertools
 import logging
 import os
-import re
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from gateway.accesslog import AccessLog
+from gateway.edge.accesslog import AccessLog
 from gateway.edge.connection import Connection
 from gateway.edge.routes import Routes
 from gateway.edge.upstream import UpstreamPool
 from gateway.edge.wire import HSTS, Clock
-from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
+from gateway.serving.lifecycle import Lifecycle
 from gateway.settings import GatewaySettings
+from pixelcraft.contract import REQUEST_ID
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis, RedisCluster
 
+    from gateway.auth.tokens import TokenVerifier
     from gateway.edge.tunnel import Tunnel
+    from gateway.limiting.limiter import Limiter
     from gateway.openapi import ApiDocument
-    from gateway.ratelimit import Limiter
-    from gateway.tokens import TokenVerifier
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ID_FORMAT = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 BACKLOG = 1024
 
 
@@ -98,7 +97,7 @@ class DataPlane:
         self.handshake_timeout = settings.gateway_tls_handshake_timeout
         self.clock = Clock()
         self.new_id = request_ids()
-        self.request_id_ok = REQUEST_ID_FORMAT.match
+        self.request_id_ok = REQUEST_ID.match
         # Collaborators, set by the app's cleanup contexts as they start.
         self.limiter: Limiter | None = None
         self.verifier: TokenVerifier | None = None

@@ -19,8 +19,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gateway import headers as hdrs
+from gateway.auth.identity import Client, Identity
 from gateway.edge.flow import BODY, PEER
+from gateway.edge.request import append_forwarded_for
 from gateway.edge.tunnel import Tunnel
 from gateway.edge.upstream import UpstreamConnection
 from gateway.edge.wire import (
@@ -35,16 +36,15 @@ from gateway.edge.wire import (
     chunk,
 )
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
-from gateway.identity import Client, Identity
+from pixelcraft.contract import anonymous
 from pixelcraft.logs import request_id_var
-from pixelcraft.users import anonymous
 
 if TYPE_CHECKING:
     from gateway.edge.connection import Connection
     from gateway.edge.plane import DataPlane
     from gateway.edge.request import Request
-    from gateway.ratelimit import Decision
-    from gateway.usage import UsageWatcher
+    from gateway.limiting.decisions import Decision
+    from gateway.limiting.usage import UsageWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class Relay:
         if client.peer_trusted:  # a trusted proxy in front says what the client used
             proto = request.forwarded_proto or conn.scheme
             host = request.forwarded_host or request.host
-            forwarded = hdrs.append_forwarded_for(request.forwarded_for, conn.peer)
+            forwarded = append_forwarded_for(request.forwarded_for, conn.peer)
             origin = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
                 forwarded.encode("latin-1"),
                 proto.encode("latin-1"),
@@ -329,7 +329,7 @@ class Relay:
             self.keep_alive = False  # the client's parser is past an upgrade request
         decision = self.decision
         if decision is not None and decision.reservation is not None and status < 400:
-            from gateway.usage import UsageWatcher
+            from gateway.limiting.usage import UsageWatcher
 
             self.watcher = UsageWatcher(content_type.decode("latin-1"))
         if request.method == "HEAD" or status in _BODYLESS:

@@ -225,3 +225,14 @@ def parse_head(
         forward = [line for line in forward if line.split(b":", 1)[0].lower() not in drop]
     request.forward = b"".join(forward)
     return request
+
+
+def append_forwarded_for(existing: list[str], peer: str) -> str:
+    """X-Forwarded-For from a trusted proxy, with that proxy appended.
+
+    From anyone else the incoming chain is unverifiable and the upstream gets only the peer, so
+    it never sees a client's invented hops.
+    """
+    if existing:
+        return f"{', '.join(v.strip() for v in existing)}, {peer}"
+    return peer

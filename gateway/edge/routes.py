@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from redis.exceptions import RedisError
 
-from gateway.acme import CHALLENGE_PATH, CHALLENGE_ROUTE, Challenges, https_location
 from gateway.errors import BadRequest, GatewayError, MethodNotAllowed
+from gateway.tls.acme import CHALLENGE_PATH, CHALLENGE_ROUTE, Challenges, https_location
 from pixelcraft.openapi import ASSET_FILES, ASSETS, SWAGGER_PAGE, documented
 
 if TYPE_CHECKING:

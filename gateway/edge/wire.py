@@ -7,16 +7,13 @@ parts. Header names the gateway compares are lower-case bytes, as `bytes.lower()
 from __future__ import annotations
 
 import http
-import json
 import time
 from email.utils import formatdate
-from typing import Any
 
 SERVER_NAME = "pixelcraft"  # neutral: no product versions for scanners
 SERVER = b"Server: pixelcraft\r\n"
 # RFC 6797 §7.1, Mozilla's guideline: HTTPS responses carry HSTS for two years (never HTTP ones).
 HSTS = b"Strict-Transport-Security: max-age=63072000\r\n"
-PROBLEM_JSON = "application/problem+json"
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -74,22 +71,6 @@ class Clock:
             self._second = second
             self._line = b"Date: %s\r\n" % formatdate(now, usegmt=True).encode()
         return self._line
-
-
-def problem_body(
-    status: int,
-    title: str,
-    detail: str,
-    request_id: str,
-    members: dict[str, Any] | None = None,
-    type_: str = "about:blank",
-) -> bytes:
-    """An RFC 9457 problem document."""
-    body: dict[str, Any] = {"type": type_, "title": title, "status": status, "detail": detail}
-    if members:
-        body.update(members)
-    body["request_id"] = request_id
-    return json.dumps(body).encode()
 
 
 # Request data that reaches a log line: control characters (C0, DEL, C1) and backslashes are

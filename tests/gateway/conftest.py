@@ -17,7 +17,7 @@ from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 from yarl import URL
 
-from gateway.server import Gateway
+from gateway.serving.server import Gateway
 from gateway.settings import GatewaySettings
 from tests.conftest import service_env, wait_until
 from tests.fakes.upstream import UpstreamState, create_fake_upstream

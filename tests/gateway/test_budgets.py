@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient
 
+from gateway.limiting.policies import parse_policies
+from gateway.limiting.usage import UsageWatcher, event_tokens
 from gateway.metrics import metrics_key
-from gateway.policies import parse_policies
-from gateway.usage import UsageWatcher, event_tokens
 from tests.conftest import wait_until
 from tests.gateway.conftest import FakeUpstream, GatewayFactory, GatewayProcess
 from tests.gateway.test_ratelimit import parse_list, policy_file, user

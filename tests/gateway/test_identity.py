@@ -14,11 +14,11 @@ from typing import Any
 import jwt
 import pytest
 
-from gateway.identity import Identity
+from gateway.auth.identity import Identity
+from gateway.limiting.limiter import Limiter
+from gateway.limiting.policies import parse_policies
 from gateway.metrics import Metrics, metrics_key
-from gateway.policies import parse_policies
-from gateway.ratelimit import Limiter
-from gateway.server import identity_warning
+from gateway.serving.server import identity_warning
 from gateway.settings import GatewaySettings
 from tests.gateway.conftest import FakeUpstream, GatewayFactory
 from tests.gateway.test_ratelimit import policy_file

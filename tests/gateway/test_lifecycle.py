@@ -112,7 +112,7 @@ def access_pids(output: list[str]) -> set[str]:
 
 
 ACCESS_LINE = re.compile(r" (\d+) INFO gateway\.access ")
-LISTENING_LINE = re.compile(r" (\d+) INFO gateway\.server .* listening on http")
+LISTENING_LINE = re.compile(r" (\d+) INFO gateway\.serving\.server .* listening on http")
 
 
 def listening_pids(output: list[str]) -> set[str]:

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pixelcraft.devservices import free_port
+from devtools.services import free_port
 from tests.conftest import wait_until
 from tests.gateway.conftest import FakeUpstream, GatewayProcess
 from tests.pebble import ROOT, make_ca, make_leaf, require_tool, write_pair

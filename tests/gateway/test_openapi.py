@@ -19,8 +19,8 @@ from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
 from gateway.keys import lifecycle_key
+from gateway.limiting.policies import parse_policies
 from gateway.openapi import merge, ratelimit_of
-from gateway.policies import parse_policies
 from tests.gateway.conftest import FakeUpstream, GatewayFactory, GatewayProcess
 from tests.gateway.test_ratelimit import parse_list, policy_file, user
 from upstream.app import create_app as create_upstream

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.policies import PolicyError, load_policies, normalize_path, parse_policies
+from gateway.limiting.policies import PolicyError, load_policies, normalize_path, parse_policies
 
 REPO = Path(__file__).resolve().parents[2]
 

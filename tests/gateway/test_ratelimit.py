@@ -16,7 +16,7 @@ import http_sfv
 import pytest
 from redis.asyncio import Redis
 
-from gateway.buckets import LocalBuckets, RedisBuckets, Take
+from gateway.limiting.buckets import LocalBuckets, RedisBuckets, Take
 from gateway.metrics import metrics_key
 from tests.conftest import wait_until
 from tests.gateway.conftest import FakeUpstream, GatewayFactory, GatewayProcess
@@ -140,7 +140,7 @@ async def test_one_round_trip_serves_every_request_of_a_loop_turn(
 async def test_noscript_after_a_script_flush_loads_it_again(
     redis_url: str, tmp_path: Path, bucket_prefix: str
 ) -> None:
-    from pixelcraft.devservices import RedisServer
+    from devtools.services import RedisServer
 
     with RedisServer(tmp_path / "redis") as server:
         client = Redis.from_url(server.url)

@@ -13,11 +13,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from devtools.services import RedisCluster, RedisSentinel, RedisServer
 from gateway.app import create_app
+from gateway.limiting.breaker import SLOW_TRIPS
 from gateway.metrics import metrics_key
-from gateway.ratelimit import SLOW_TRIPS
 from pixelcraft.boot import DependencyUnavailable
-from pixelcraft.devservices import RedisCluster, RedisSentinel, RedisServer
 from tests.conftest import wait_until
 from tests.gateway.conftest import FakeUpstream, GatewayFactory
 from tests.gateway.test_ratelimit import parse_list, policy_file, user

@@ -12,12 +12,12 @@ import pytest
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisClusterException
 
-from gateway.buckets import BucketsUnavailable, RedisBuckets, Take
-from gateway.identity import Identity
+from gateway.auth.identity import Identity
+from gateway.limiting.buckets import BucketsUnavailable, RedisBuckets, Take
+from gateway.limiting.limiter import Limiter
+from gateway.limiting.policies import parse_policies
+from gateway.limiting.resp import packed_by_redis_py, release, take_over
 from gateway.metrics import Metrics
-from gateway.policies import parse_policies
-from gateway.ratelimit import Limiter
-from gateway.resp import packed_by_redis_py, release, take_over
 
 
 def test_our_packing_is_redis_pys() -> None:
@@ -30,7 +30,7 @@ def test_our_packing_is_redis_pys() -> None:
         Take("pc:rl:ip:cd34", "100000.0", "600", -2, 1),
     ]
     expected = packed_by_redis_py(
-        ["EVALSHA", buckets.sha, 2, "pc:rl:chat:ab12", "pc:rl:ip:cd34",
+        ["EVALSHA", buckets.script.sha, 2, "pc:rl:chat:ab12", "pc:rl:ip:cd34",
          "3000000.0", "5", 1, 0, "100000.0", "600", -2, 1]
     )  # fmt: skip
     assert buckets._packed(call) == expected

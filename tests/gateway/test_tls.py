@@ -29,12 +29,12 @@ from cryptography import x509
 from pydantic import ValidationError
 from yarl import URL
 
-from gateway.acme import https_location
-from gateway.server import listen_addresses
+from devtools.services import free_port
+from gateway.serving.server import listen_addresses
 from gateway.settings import GatewaySettings
-from gateway.tls import CIPHERS, load_pair
+from gateway.tls.acme import https_location
+from gateway.tls.certificates import CIPHERS, load_pair
 from pixelcraft.boot import error_lines
-from pixelcraft.devservices import free_port
 from tests.conftest import service_env, wait_until
 from tests.gateway.conftest import FakeUpstream
 from tests.pebble import (

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from gateway.tokens import (
+from gateway.auth.tokens import (
     Claims,
     InvalidToken,
     JWKSUnavailable,
@@ -494,7 +494,7 @@ async def test_url_down_at_start_then_back(
 ) -> None:
     clock = Clock()
     jwks.down = True
-    with caplog.at_level(logging.WARNING, logger="gateway.tokens"):
+    with caplog.at_level(logging.WARNING, logger="gateway.auth.tokens"):
         verifier = await make_verifier(jwks_url=jwks.url, clock=clock)
     assert any("starting without JWKS keys" in r.getMessage() for r in caplog.records)
     token = signed(keys.rsa1, "RS256", "rsa-1")
@@ -511,7 +511,7 @@ async def test_url_down_at_start_then_back(
 async def test_url_unreachable_at_start(
     make_verifier: Factory, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="gateway.tokens"):
+    with caplog.at_level(logging.WARNING, logger="gateway.auth.tokens"):
         verifier = await make_verifier(jwks_url="http://127.0.0.1:9/jwks.json")
     assert any("JWKS fetch from" in r.getMessage() for r in caplog.records)
     token = signed(keys.rsa1, "RS256", "rsa-1")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pixelcraft.devservices import PostgresServer, find_postgres_bindir
+from devtools.services import PostgresServer, find_postgres_bindir
 from tests.conftest import wait_until
 from tests.upstream.conftest import UpstreamFactory
 from upstream.app import create_app

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from pixelcraft.devservices import PgBouncer
+from devtools.services import PgBouncer
 from tests.conftest import with_database
 from tests.sse import collect
 from tests.upstream.conftest import UpstreamFactory

@@ -1,4 +1,4 @@
-"""The rate limiter: which policies apply to a request, asked of Redis, with a circuit breaker.
+"""The rate limiter: which policies apply to a request (planning), asked of Redis, decided.
 
 Each proxied request is checked against its policy (the first matching rule, else the default),
 keyed on its identity, and against the `[ip]` ceiling, keyed on its client address; both in one
@@ -6,124 +6,32 @@ round trip. Denied if either bucket is short; a bucket that did take tokens for 
 gets them back, so a user over their limit does not drain the shared address's ceiling and the
 reverse.
 
-When a Redis round trip fails (down, stalled past the deadline, refusing the script) the breaker
-opens: requests stop waiting on Redis at all and each policy follows its `failure_mode` (`local`:
-an in-process bucket at a fraction of the rate; `open`: allow; `closed`: 503), while a background
-task probes Redis with exponential backoff and closes the breaker when it answers again.
+Without Redis (the breaker open, or one round trip lost) each policy follows its `failure_mode`
+(`local`: an in-process bucket at a fraction of the rate; `open`: allow; `closed`: 503). The
+parts: `decisions` (what is answered), `breaker` (whether Redis is asked), `settlement` (what
+happens after the response), `buckets` and `leases` (the Redis side).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import ipaddress
-import logging
-import math
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
-
-from gateway.buckets import BucketsUnavailable, LocalBuckets, RedisBuckets, Reply, Take
-from gateway.errors import GatewayError, LimiterUnavailable, RateLimited
-from gateway.identity import Identity
-from gateway.leases import Lease, Leases, LeasesUnavailable
+from gateway.auth.identity import Identity
+from gateway.errors import GatewayError, LimiterUnavailable
+from gateway.limiting.breaker import Breaker
+from gateway.limiting.buckets import BucketsUnavailable, LocalBuckets, RedisBuckets, Take
+from gateway.limiting.decisions import Decided, Decision, Verdict, refunded
+from gateway.limiting.leases import Leases, LeasesUnavailable
+from gateway.limiting.policies import Policies, Policy
+from gateway.limiting.settlement import Settlement
 from gateway.metrics import Metrics
-from gateway.policies import Policies, Policy
-from pixelcraft.aio import cancel
+from pixelcraft.aio import Tasks
 
-logger = logging.getLogger(__name__)
-
-# The breaker's probe: first retry after ~50 ms, then doubling (with jitter) up to 2 s, so a
-# Redis that comes back is noticed within a couple of seconds and a dead one costs ~1 probe/2 s.
-PROBE_WAIT_INITIAL = 0.05
-PROBE_WAIT_MAX = 2.0
 KEY_CACHE = 50_000  # memoized bucket operations (about 300 bytes each)
 CLOSED_RETRY_AFTER = 2  # seconds a failure_mode=closed 503 asks the client to wait
-CONCURRENT_RETRY_AFTER = 1  # a slot frees when a request ends: no way to know when
-SLOW_TRIPS = 3  # missed deadlines in a row that open the breaker
-
-
-class Verdict(NamedTuple):
-    """One policy's answer for one request. `known` is False under failure_mode open."""
-
-    policy: Policy
-    allowed: bool
-    remaining: int
-    retry_after: float
-    next_token: float
-    reset: float
-    known: bool = True
-
-
-class Decision:
-    """All verdicts for one request; `degraded` when made without Redis. `reservation` is the
-    token budget's take (settled once the answer's usage is known), `lease` the concurrency
-    lease held while the request runs, `concurrency` that cap's policy and free slots."""
-
-    __slots__ = ("allowed", "concurrency", "degraded", "lease", "reservation", "verdicts")
-
-    def __init__(
-        self, verdicts: tuple[Verdict, ...], allowed: bool, degraded: bool = False
-    ) -> None:
-        self.verdicts = verdicts
-        self.allowed = allowed
-        self.degraded = degraded
-        self.reservation: tuple[Policy, Take] | None = None
-        self.lease: Lease | None = None
-        self.concurrency: tuple[Policy, int] | None = None
-
-    def denial(self) -> RateLimited:
-        """The 429 for a denied request: Retry-After never earlier than any denying verdict's
-        wait (so never earlier than the `t` of the RateLimit header either)."""
-        denied = [v for v in self.verdicts if not v.allowed]
-        if not denied and self.concurrency is not None:  # the buckets had room, the cap not
-            policy = self.concurrency[0]
-            name = policy.concurrent_name
-            detail = (
-                f'concurrency cap "{name}" reached: at most {policy.concurrent} requests at '
-                "once; retry when one of yours has finished"
-            )
-            return RateLimited(detail, [name], CONCURRENT_RETRY_AFTER)
-        tight_verdict = max(denied, key=lambda v: v.retry_after)
-        retry_after = max(1, math.ceil(tight_verdict.retry_after - 1e-6))
-        tight = tight_verdict.policy
-        key = (tight.name, tight.burst, tight.rate_text, tight.cost, retry_after,
-               *[v.policy.name for v in denied])  # fmt: skip
-        found = _DENIALS.get(key)
-        if found is not None:
-            return found  # never raised, only answered: one instance serves every repeat
-        noun = "request" if tight.cost == 1 else f"request costing {tight.cost} tokens"
-        detail = (
-            f'rate limit "{tight.name}" exceeded: {tight.burst} tokens, refilled at '
-            f"{tight.rate_text}; this {noun} can be retried in {retry_after} s"
-        )
-        denial = RateLimited(detail, [v.policy.name for v in denied], retry_after)
-        if len(_DENIALS) >= DENIALS_KEPT:
-            _DENIALS.clear()
-        _DENIALS[key] = denial
-        return denial
-
-
-# 429 problems by what they say: a flood of refusals repeats a handful of them.
-_DENIALS: dict[tuple[object, ...], RateLimited] = {}
-DENIALS_KEPT = 1024
-
-
-Decided = Callable[["Decision | None", "GatewayError | None"], None]
-
-
-def refunded(verdicts: tuple[Verdict, ...], takes: list[Take]) -> tuple[Verdict, ...]:
-    """The verdicts as they stand once a denied request's tokens are back where they were
-    taken: the headers then show what the client really has left."""
-    out = []
-    for verdict, take in zip(verdicts, takes, strict=True):
-        if verdict.allowed and verdict.known:
-            back = take.cost / verdict.policy.rate
-            verdict = verdict._replace(remaining=verdict.remaining + take.cost, next_token=0.0,
-                                       reset=max(0.0, verdict.reset - back))  # fmt: skip
-        out.append(verdict)
-    return tuple(out)
 
 
 def _digest(text: str) -> str:
@@ -143,7 +51,8 @@ def address_key(address: str) -> str:
 
 
 class Limiter:
-    """Policies plus buckets plus the breaker. Knows Redis only through RedisBuckets."""
+    """Policies plus buckets plus the breaker. Knows Redis only through RedisBuckets and
+    Leases."""
 
     def __init__(
         self,
@@ -159,16 +68,17 @@ class Limiter:
     ) -> None:
         self.metrics = metrics
         self.prefix = f"{prefix}rl:"
+        self.breaker = Breaker(metrics, self._probe)
         self.buckets = RedisBuckets(
-            client, timeout=timeout, on_round_trip=self._round_trip, on_error=self._failed
+            client,
+            timeout=timeout,
+            on_round_trip=self.breaker.round_trip,
+            on_error=self.breaker.failed,
         )
         self.local = LocalBuckets(divisor) if clock is None else LocalBuckets(divisor, clock)
         self.leases = Leases(client, ttl=lease_seconds, timeout=timeout, divisor=divisor)
-        self.healthy = True
-        self._slow = 0  # deadlines missed in a row
-        self.degraded_since: float | None = None
-        self._probe: asyncio.Task[None] | None = None
-        self._checks: set[asyncio.Task[None]] = set()  # check_soon's general case
+        self.settlement = Settlement(self.buckets, self.leases, metrics)
+        self._checks = Tasks("limiter checks")  # check_soon's general case
         self._children: dict[tuple[str, str], Any] = {}
         self._takes: dict[tuple[str, str, str], Take] = {}
         self.policies = policies
@@ -188,10 +98,15 @@ class Limiter:
         await self.buckets.start()
         await self.leases.start()
 
+    @property
+    def healthy(self) -> bool:
+        """Whether Redis is asked (the breaker closed)."""
+        return self.breaker.healthy
+
     async def close(self) -> None:
-        await cancel(self._probe)
-        for task in list(self._checks):
-            await cancel(task)
+        await self.breaker.close()
+        await self._checks.close()
+        await self.settlement.close()
         await self.buckets.close()
         await self.leases.close()
 
@@ -277,7 +192,7 @@ class Limiter:
         if decision.allowed and policy.tokens is not None and not decision.degraded:
             take = next(t for t, p in zip(takes, policies, strict=True) if p is policy.tokens)
             decision.reservation = (policy.tokens, take)
-            self._tokens(policy.tokens.name, "reserved", take.cost)
+            self.settlement.count_tokens(policy.tokens.name, "reserved", take.cost)
         if decision.allowed and policy.concurrent is not None:
             await self._lease(policy, identity, decision, takes)
         return decision
@@ -309,9 +224,7 @@ class Limiter:
                 else:
                     done(decision, None)
 
-            task = asyncio.get_running_loop().create_task(general())
-            self._checks.add(task)
-            task.add_done_callback(self._checks.discard)
+            self._checks.spawn(general())
 
     def check_address_soon(self, address: str, done: Decided) -> None:
         """A request refused for its identity (400, 401) still takes from its address's
@@ -323,7 +236,7 @@ class Limiter:
             self._decide_soon(policies, takes, done)
 
     def _decide_soon(self, policies: list[Policy], takes: list[Take], done: Decided) -> None:
-        if not self.healthy:
+        if not self.breaker.healthy:
             try:
                 decision = self._degraded(takes, policies)
             except LimiterUnavailable as exc:
@@ -387,7 +300,7 @@ class Limiter:
         if self.buckets.atomic:  # nothing was taken from any bucket
             return Decision(verdicts, False)
         # Cluster: the buckets that had room did pay; pay them back
-        self._pay_back(t for t, v in zip(takes, verdicts, strict=True) if v.allowed)
+        self.settlement.pay_back(t for t, v in zip(takes, verdicts, strict=True) if v.allowed)
         return Decision(refunded(verdicts, takes), False)
 
     async def _lease(
@@ -432,51 +345,11 @@ class Limiter:
         """A request denied after its buckets paid (the concurrency cap) gets it all back."""
         decision.reservation = None
         if not decision.degraded:
-            self._pay_back(takes)
+            self.settlement.pay_back(takes)
 
     def finish(self, decision: Decision, used: int | None, *, refund: bool) -> None:
-        """After the response: release the lease and settle the token reservation. `refund`:
-        the model never answered (upstream failure, error status, client gone before the first
-        byte), so the whole reservation comes back; else `used` tokens are settled against it
-        (more is debited, into debt if need be; less is refunded), and with no usage reported
-        the reservation stands."""
-        if decision.lease is not None:
-            lease, decision.lease = decision.lease, None
-            task = asyncio.get_running_loop().create_task(self.leases.release(lease))
-            task.add_done_callback(lambda t: self.metrics.ratelimit_streams.set(self.leases.held))
-        if decision.reservation is None:
-            return
-        budget, take = decision.reservation
-        decision.reservation = None
-        reserved = take.cost
-        if refund:
-            delta, kind = -reserved, "refunded"
-        elif used is None:
-            self._tokens(budget.name, "unsettled", reserved)
-            return
-        else:
-            delta = used - reserved
-            kind = "debited" if delta > 0 else "refunded"
-        if delta == 0:
-            return
-        self._tokens(budget.name, kind, abs(delta))
-        future = self.buckets.take([take._replace(cost=delta, force=1 if delta > 0 else 0)])
-        future.add_done_callback(self._settled)
-
-    def _settled(self, future: asyncio.Future[list[Reply]]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            self.metrics.ratelimit_settlement_errors.inc()
-
-    def _tokens(self, budget: str, kind: str, amount: int) -> None:
-        self.metrics.ratelimit_tokens.labels(budget, kind).inc(amount)
-
-    def _pay_back(self, takes: Iterable[Take]) -> None:
-        """Give back what these bucket operations took (a denied request keeps no tokens);
-        fire and forget: a lost refund only errs on the strict side."""
-        refunds = [take._replace(cost=-take.cost) for take in takes if take.cost > 0]
-        if refunds:
-            future = self.buckets.take(refunds)
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        """After the response: see Settlement.finish."""
+        self.settlement.finish(decision, used, refund=refund)
 
     def _degraded(
         self, takes: list[Take], policies: list[Policy], *, transient: bool = False
@@ -512,51 +385,6 @@ class Limiter:
             decision = Decision(refunded(decision.verdicts, takes), False, degraded=True)
         return decision
 
-    # --- the breaker ---------------------------------------------------------------------
-
-    def _round_trip(self, seconds: float, skew: float) -> None:
-        self._slow = 0
-        self.metrics.ratelimit_redis_duration.observe(seconds)
-        self.metrics.ratelimit_clock_skew.set(skew)
-
-    def _failed(self, exc: BucketsUnavailable) -> None:
-        """A round trip failed: its requests are decided without Redis. The breaker opens at
-        once on an error, but only after SLOW_TRIPS deadlines missed in a row: a process whose
-        CPU is saturated can itself be late reading a reply Redis sent in time."""
-        self.metrics.ratelimit_backend_errors.inc()
-        if not self.healthy:
-            return
-        if exc.slow:
-            self._slow += 1
-            if self._slow < SLOW_TRIPS:
-                return
-        self.healthy = False
-        loop = asyncio.get_running_loop()
-        self.degraded_since = loop.time()
-        self.metrics.ratelimit_fallback.set(1)
-        logger.warning(
-            "rate limiter: Redis unavailable (%s); policies follow their failure_mode until it "
-            "answers again",
-            exc,
-        )
-        self._probe = loop.create_task(self._recover())
-
-    async def _recover(self) -> None:
-        """Probe Redis with backoff until the script runs again, then close the breaker."""
-        retrying = AsyncRetrying(
-            wait=wait_exponential(multiplier=PROBE_WAIT_INITIAL, max=PROBE_WAIT_MAX)
-            + wait_random(0, PROBE_WAIT_INITIAL),
-            retry=retry_if_exception_type(BucketsUnavailable),
-        )
-        probe = Take(f"{self.prefix}probe", "1000000", "1", 0)
-        async for attempt in retrying:
-            with attempt:
-                await self.buckets.take([probe])  # a failure is counted by _failed()
-        self.healthy = True
-        self.metrics.ratelimit_fallback.set(0)
-        since = self.degraded_since or 0.0
-        logger.warning(
-            "rate limiter: Redis answers again after %.1f s; limits are shared again",
-            asyncio.get_running_loop().time() - since,
-        )
-        self._probe = None
+    async def _probe(self) -> None:
+        """The breaker's probe: one bucket round trip that takes nothing."""
+        await self.buckets.take([Take(f"{self.prefix}probe", "1000000", "1", 0)])

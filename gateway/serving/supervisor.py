@@ -1,6 +1,6 @@
 """GATEWAY_WORKERS > 1: a supervising process and N worker processes on the same ports.
 
-Each worker is `python -m gateway --worker`, binding the public port with SO_REUSEPORT so the
+Each worker is `python -m gateway --worker N`, binding the public port with SO_REUSEPORT so the
 kernel spreads connections over them. Workers write their metrics into a shared
 PROMETHEUS_MULTIPROC_DIR; the supervisor serves the sum on the admin port, forwards SIGTERM
 (drain) and SIGHUP (reload) to every worker, and replaces a worker that dies. A worker that
@@ -24,10 +24,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from gateway import pidfile
 from gateway.metrics import Metrics, create_admin_app
+from gateway.serving import pidfile
 from gateway.settings import GatewaySettings
-from gateway.tls import TLSFileError, load_pair
+from gateway.tls.certificates import TLSFileError, load_pair
 from pixelcraft.boot import EX_CONFIG, EX_UNAVAILABLE, DependencyUnavailable
 
 logger = logging.getLogger(__name__)
@@ -44,17 +44,10 @@ class Supervisor:
         self.exit_code = 0
 
     async def spawn(self, index: int) -> None:
-        env = {
-            **os.environ,
-            "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
-            "GATEWAY_WORKER_ID": str(index),
-        }
+        # prometheus_client chooses its multiprocess mode by this variable, at import.
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "--worker",
-            env=env,
+            sys.executable, "-m", "gateway", "--worker", str(index), env=env
         )
         self.workers[index] = proc
         logger.info("worker %d started (pid %d)", index, proc.pid)
@@ -91,7 +84,9 @@ class Supervisor:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.signal_all(signal.SIGHUP))
         settings = self.settings
-        runner = web.AppRunner(create_admin_app(Metrics()), access_log=None)
+        runner = web.AppRunner(
+            create_admin_app(Metrics(multiprocess_dir=self.metrics_dir)), access_log=None
+        )
         await runner.setup()
         try:
             await web.TCPSite(
@@ -141,7 +136,6 @@ async def supervise(settings: GatewaySettings) -> int:
         except TLSFileError as exc:
             raise DependencyUnavailable(f"cannot serve HTTPS: {exc}") from exc
     metrics_dir = tempfile.mkdtemp(prefix="pixelcraft-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # what the admin app's render() reads
     try:
         return await Supervisor(settings, metrics_dir).run()
     finally:

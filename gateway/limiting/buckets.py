@@ -4,7 +4,7 @@ RedisBuckets runs `lua/token_bucket.lua` by EVALSHA (loaded once; NOSCRIPT, afte
 restart or on a new Cluster node, loads it again and retries). One script call per request
 takes from all of its buckets at once, all or nothing. Calls are coalesced: whatever requests
 queued while the previous round trip was out go as one pipelined write on a connection of the
-limiter's own (gateway.resp: hiredis parses the replies in the protocol, no await per reply),
+limiter's own (`resp`: hiredis parses the replies in the protocol, no await per reply),
 and each request's callback gets its replies. One batch is out at a time, and each has a
 deadline (a timer, armed when the batch starts, connecting included): whatever happens, every
 request is answered within it. Any failure of any kind (down, stalled, refusing, a bug of ours)
@@ -15,27 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from importlib import resources
 from typing import Any, NamedTuple, TypeVar
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import NoScriptError
 
-from gateway.resp import RespWire, pack, release, take_over
+from gateway.limiting.resp import RespWire, pack, release, take_over
+from gateway.limiting.scripts import LuaScript
 from pixelcraft.aio import cancel
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def script_source() -> str:
-    return resources.files("gateway").joinpath("lua/token_bucket.lua").read_text("utf-8")
 
 
 class BucketsUnavailable(Exception):
@@ -101,10 +96,8 @@ class RedisBuckets:
     ) -> None:
         self.client = client
         self.timeout = timeout
-        self.source = script_source()
-        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+        self.script = LuaScript("token_bucket.lua")
         self.atomic = not isinstance(client, RedisCluster)
-        self._sha = self.sha.encode()
         self._on_round_trip = on_round_trip
         self._on_error = on_error
         self._pending: Batch = []
@@ -127,7 +120,7 @@ class RedisBuckets:
         await self.load()
 
     async def load(self) -> None:
-        await self.client.script_load(self.source)
+        await self.script.load(self.client)
 
     async def close(self) -> None:
         self.closed = True
@@ -235,7 +228,7 @@ class RedisBuckets:
         if retried is None:
             wire.send(data, len(calls), self._replied)
         else:  # the script first, then the calls that found it missing
-            load = pack("SCRIPT", "LOAD", self.source)
+            load = pack("SCRIPT", "LOAD", self.script.source)
             wire.send(load + data, len(calls) + 1, lambda r, e: self._replied(r, e, retried))
 
     def _replied(
@@ -354,7 +347,7 @@ class RedisBuckets:
             # command is routed by its key like any other.
             keys = [take.key for take in call]
             args = [a for t in call for a in (t.interval_us, t.burst, t.cost, t.force)]
-            pipe.execute_command("EVALSHA", self.sha, len(call), *keys, *args)
+            pipe.execute_command("EVALSHA", self.script.sha, len(call), *keys, *args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 
@@ -362,7 +355,7 @@ class RedisBuckets:
         """EVALSHA <sha> <n> <keys> <interval burst cost force>... in RESP, parts cached."""
         parts = [
             b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$%d\r\n%d\r\n"
-            % (3 + 5 * len(call), self._sha, len(str(len(call))), len(call))
+            % (3 + 5 * len(call), self.script.sha_bytes, len(str(len(call))), len(call))
         ]
         for take in call:
             key = take.key.encode()

@@ -34,8 +34,8 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from gateway.keys import lifecycle_key
-from gateway.lifecycle import ReloadFailed
 from gateway.metrics import Metrics
+from gateway.serving.lifecycle import ReloadFailed
 from pixelcraft.aio import cancel
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 # https://ssl-config.mozilla.org/guidelines/5.7.json, "intermediate": TLS 1.2 and 1.3; these
 # TLS 1.2 suites (OpenSSL's default TLS 1.3 suites are the profile's); the client's preference
 # (ChaCha20 for phones without AES instructions); no renegotiation, no session tickets (their
-# key would never rotate). Groups: gateway/openssl.cnf. (HSTS, two years: gateway.edge.wire.)
+# key would never rotate). Groups: gateway/tls/openssl.cnf. (HSTS, two years: gateway.edge.wire.)
 CIPHERS = ":".join(
     (
         "ECDHE-ECDSA-AES128-GCM-SHA256",
@@ -55,7 +55,7 @@ CIPHERS = ":".join(
     )
 )
 EXPIRY_WARNING = timedelta(days=14)
-OPENSSL_CNF = Path(__file__).with_name("openssl.cnf")  # set by gateway.openssl_conf
+OPENSSL_CNF = Path(__file__).with_name("openssl.cnf")  # set by gateway.tls.openssl
 
 CERT_VARIABLE = "GATEWAY_TLS_CERT_FILE"
 KEY_VARIABLE = "GATEWAY_TLS_KEY_FILE"

@@ -12,22 +12,15 @@ refuses.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
-from redis.exceptions import NoScriptError
-
+from gateway.limiting.scripts import LuaScript
 from pixelcraft.aio import cancel
 
 logger = logging.getLogger(__name__)
-
-
-def lease_source() -> str:
-    return resources.files("gateway").joinpath("lua/lease.lua").read_text("utf-8")
 
 
 class LeasesUnavailable(Exception):
@@ -51,8 +44,7 @@ class Leases:
         self.ttl_ms = max(1, int(ttl * 1000))
         self.timeout = timeout
         self.divisor = divisor
-        self.source = lease_source()
-        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+        self.script = LuaScript("lease.lua")
         self._held: dict[str, Lease] = {}
         self._local: dict[str, int] = {}
         self._renewer: asyncio.Task[None] | None = None
@@ -64,7 +56,7 @@ class Leases:
         return len(self._held)
 
     async def start(self) -> None:
-        await self.client.script_load(self.source)
+        await self.script.load(self.client)
         self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
 
     async def close(self) -> None:
@@ -72,11 +64,7 @@ class Leases:
 
     async def _call(self, key: str, *args: Any) -> list[int]:
         async with asyncio.timeout(self.timeout):
-            try:
-                reply: list[int] = await self.client.evalsha(self.sha, 1, key, *args)
-            except NoScriptError:
-                await self.client.script_load(self.source)
-                reply = await self.client.evalsha(self.sha, 1, key, *args)
+            reply: list[int] = await self.script.call(self.client, [key], *args)
         return reply
 
     async def acquire(self, key: str, cap: int) -> tuple[Lease | None, int]:
@@ -132,7 +120,7 @@ class Leases:
                 async with asyncio.timeout(max(self.timeout, interval / 2)):
                     pipe = self.client.pipeline(transaction=False)
                     for lease in remote:
-                        pipe.execute_command("EVALSHA", self.sha, 1, lease.key, "renew",
+                        pipe.execute_command("EVALSHA", self.script.sha, 1, lease.key, "renew",
                                              lease.id, 0, self.ttl_ms)  # fmt: skip
                     await pipe.execute(raise_on_error=False)
             except Exception as exc:  # the renewer must outlive any failure

@@ -1,22 +1,10 @@
-"""The headers the gateway composes, pure: the RateLimit fields of a decision, and
-X-Forwarded-For through a trusted proxy."""
+"""The RateLimit header fields of a decision, pure."""
 
 from __future__ import annotations
 
 import math
 
-from gateway.ratelimit import Decision, Verdict
-
-
-def append_forwarded_for(existing: list[str], peer: str) -> str:
-    """X-Forwarded-For from a trusted proxy, with that proxy appended.
-
-    From anyone else the incoming chain is unverifiable and the upstream gets only the peer, so
-    it never sees a client's invented hops.
-    """
-    if existing:
-        return f"{', '.join(v.strip() for v in existing)}, {peer}"
-    return peer
+from gateway.limiting.decisions import Decision, Verdict
 
 
 def limit_block(decision: Decision) -> bytes:

@@ -14,12 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway.auth.tokens import InvalidToken, TokenVerifier, bearer_token
 from gateway.errors import BadHeader, Unauthorized
-from gateway.tokens import InvalidToken, TokenVerifier, bearer_token
-from pixelcraft.users import ANONYMOUS_PREFIX, USER_ID, reserved
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from pixelcraft.contract import ANONYMOUS_PREFIX, USER_ID_HEADER, reserved, user_id_fault
+from pixelcraft.fields import IPAddress, IPNetwork
 
 Kind = Literal["jwt", "header", "ip"]
 
@@ -89,13 +87,12 @@ def header_user(values: Sequence[str]) -> str | None:
     """A well-formed, single X-User-Id, None when absent; BadHeader otherwise."""
     if not values:
         return None
-    if len(values) > 1:
-        raise BadHeader("X-User-Id", "sent more than once")
-    if not USER_ID.match(values[0]):
-        raise BadHeader("X-User-Id", f"must match {USER_ID.pattern}")
+    fault = user_id_fault(values)
+    if fault is not None:
+        raise BadHeader(USER_ID_HEADER, fault)
     if reserved(values[0]):
         raise BadHeader(
-            "X-User-Id", f'"{ANONYMOUS_PREFIX}" ids are anonymous clients\' own; choose another'
+            USER_ID_HEADER, f'"{ANONYMOUS_PREFIX}" ids are anonymous clients\' own; choose another'
         )
     return values[0]
 

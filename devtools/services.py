@@ -37,6 +37,8 @@ from types import TracebackType
 from typing import IO, Self, TypeAlias
 from urllib.parse import quote
 
+from ops.backup import quote_ident
+
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -846,10 +848,6 @@ def _chown_tree(path: Path, account: _Account) -> None:
             os.chown(name, account.uid, account.gid, follow_symlinks=False)
 
 
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -930,7 +928,7 @@ class PostgresServer(_ServerProcess):
         exists = self.query(f"SELECT 1 FROM pg_database WHERE datname = {literal}")  # noqa: S608
         if exists != "1":
             try:
-                self.query(f"CREATE DATABASE {_quote_ident(name)}")
+                self.query(f"CREATE DATABASE {quote_ident(name)}")
             except DevServiceError as exc:
                 if "already exists" not in str(exc):  # created meanwhile by someone else
                     raise

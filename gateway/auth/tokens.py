@@ -26,7 +26,7 @@ from jwt.exceptions import InvalidSubjectError
 from jwt.types import Options
 
 from pixelcraft.boot import DependencyUnavailable
-from pixelcraft.users import ANONYMOUS_PREFIX, USER_ID, reserved
+from pixelcraft.contract import ANONYMOUS_PREFIX, USER_ID, reserved
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ MAX_TOKEN_LENGTH = 8192
 # RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token; the scheme is case-insensitive (RFC 9110).
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*)")
 # The gateway forwards `sub` as X-User-Id, so it must fit that header's pattern (and stay out of
-# the anonymous namespace, pixelcraft.users).
+# the anonymous namespace, pixelcraft.contract).
 _SUBJECT = USER_ID
 
 HMAC_ALGORITHM = "HS256"

@@ -20,20 +20,21 @@ import logging
 import os
 import signal
 import ssl
-from typing import Any
+from typing import NamedTuple
 
 from aiohttp import web
 
-from gateway import pidfile
-from gateway.acme import Challenges
 from gateway.app import create_app, redirects_to_https
 from gateway.edge.plane import DataPlane, Site
 from gateway.edge.routes import redirect_routes
 from gateway.keys import lifecycle_key, plane_key, routes_key
+from gateway.limiting.policies import Policies
 from gateway.metrics import Metrics, create_admin_app
-from gateway.policies import Policies
+from gateway.serving import pidfile
 from gateway.settings import GatewaySettings
-from gateway.tls import ServingCertificate, TLSFileError, check_openssl_conf
+from gateway.tls.acme import Challenges
+from gateway.tls.certificates import ServingCertificate, TLSFileError, check_openssl_conf
+from pixelcraft.aio import Tasks, cancel
 from pixelcraft.boot import DependencyUnavailable
 
 logger = logging.getLogger(__name__)
@@ -197,15 +198,26 @@ async def watch_parent(parent: int, stop: asyncio.Event, interval: float = 1.0) 
     stop.set()
 
 
+class Worker(NamedTuple):
+    """One of GATEWAY_WORKERS processes under the supervisor: which, and where its metrics go."""
+
+    number: int
+    metrics_dir: str
+
+
 async def serve(
-    settings: GatewaySettings,
-    policies: Policies | None = None,
-    *,
-    reuse_port: bool = False,
-    admin: bool = True,
+    settings: GatewaySettings, policies: Policies | None = None, *, worker: Worker | None = None
 ) -> None:
-    """Run one gateway process until SIGTERM/SIGINT (drained) ; SIGHUP reloads."""
-    gateway = Gateway(settings, policies)
+    """Run one gateway process until SIGTERM/SIGINT (drained); SIGHUP reloads. A worker
+    shares its ports (SO_REUSEPORT) and leaves the admin port and pid file to the supervisor."""
+    metrics = Metrics(multiprocess_dir=worker.metrics_dir if worker is not None else None)
+    gateway = Gateway(settings, policies, metrics)
+    reuse_port = admin = False
+    if worker is None:
+        admin = True
+    else:
+        reuse_port = True
+        logger.info("worker %d (pid %d)", worker.number, os.getpid())
     lifecycle = gateway.app[lifecycle_key]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -217,14 +229,8 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, terminate)
-    reloads: set[asyncio.Task[Any]] = set()
-
-    def reload() -> None:
-        task = loop.create_task(lifecycle.reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    reloads = Tasks("reloads")
+    loop.add_signal_handler(signal.SIGHUP, lambda: reloads.spawn(lifecycle.reload()))
     admin_runner: web.AppRunner | None = None
     orphaned: asyncio.Task[None] | None = None
     started = False
@@ -250,8 +256,8 @@ async def serve(
         await stop.wait()
         await gateway.drain()
     finally:
-        if orphaned is not None:
-            orphaned.cancel()
+        await cancel(orphaned)
+        await reloads.close()
         if admin and settings.gateway_pid_file is not None:
             pidfile.remove(settings.gateway_pid_file)
         if admin_runner is not None:
