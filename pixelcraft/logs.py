@@ -19,6 +19,34 @@ LogLevel = Annotated[
 ]
 
 
+# The two line shapes, owned here: `configure` installs them for every logger, and the gateway's
+# access log (which writes without `logging`, for speed) renders the same ones with these helpers.
+TEXT_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s [%(request_id)s] %(message)s"
+TEXT_TIME = "%Y-%m-%d %H:%M:%S"  # logging's asctime, then ",<milliseconds>"
+JSON_TIME = "%Y-%m-%dT%H:%M:%S%z"
+
+
+def text_line(
+    asctime: str, pid: int, level: str, logger: str, request_id: str, message: str
+) -> str:
+    """One text line as TEXT_FORMAT renders it (with its newline)."""
+    return f"{asctime} {pid} {level} {logger} [{request_id}] {message}\n"
+
+
+def json_entry(
+    ts: str, level: str, logger: str, pid: int, request_id: str, message: str
+) -> dict[str, object]:
+    """The members every JSON line starts with; a writer adds its own after them."""
+    return {
+        "ts": ts,
+        "level": level,
+        "logger": logger,
+        "pid": pid,
+        "request_id": request_id,
+        "message": message,
+    }
+
+
 class RequestIdFilter(logging.Filter):
     """Stamps each record with the id of the request being handled, if any."""
 
@@ -31,17 +59,14 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log shippers."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "pid": record.process,
-            "request_id": getattr(record, "request_id", "-"),
-            "message": record.getMessage(),
-        }
-        extra = getattr(record, "access", None)
-        if extra is not None:
-            entry.update(extra)
+        entry = json_entry(
+            self.formatTime(record, JSON_TIME),
+            record.levelname,
+            record.name,
+            record.process or 0,
+            getattr(record, "request_id", "-"),
+            record.getMessage(),
+        )
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -54,11 +79,7 @@ def configure(level: LogLevel, fmt: LogFormat) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter(
-                "%(asctime)s %(process)d %(levelname)s %(name)s [%(request_id)s] %(message)s"
-            )
-        )
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -2,8 +2,8 @@
 
 Going through `logging` costs a LogRecord, a formatter pass and a write(2) per request, which
 measured at about a sixth of the gateway's CPU per proxied request (py-spy, `make bench`). Lines
-here are formatted directly in the same shape as the other log lines (text or JSON, see
-pixelcraft.logs) and flushed together every FLUSH_INTERVAL or when the buffer fills.
+here are rendered directly, by pixelcraft.logs's own helpers for the other lines' shapes (text
+or JSON), and flushed together every FLUSH_INTERVAL or when the buffer fills.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import sys
 import time
 from typing import TextIO
 
-from pixelcraft.logs import LogFormat
+from pixelcraft.logs import JSON_TIME, TEXT_TIME, LogFormat, json_entry, text_line
 
+LOGGER = "gateway.access"
 FLUSH_INTERVAL = 0.2
 MAX_BUFFERED = 256
 
@@ -63,20 +64,14 @@ class AccessLog:
     ) -> None:
         now = time.time()
         if self.fmt == "json":
-            fields = {
-                "ts": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)),
-                "level": "INFO",
-                "logger": "gateway.access",
-                "pid": self.pid,
-                "request_id": request_id,
-                "message": "access",
-                "method": method,
-                "path": path,
-                "status": status,
-                "bytes": size,
-                "duration_ms": round(elapsed * 1000, 3),
-                "identity": identity,
-            }
+            ts = time.strftime(JSON_TIME, time.localtime(now))
+            fields = json_entry(ts, "INFO", LOGGER, self.pid, request_id, "access")
+            fields["method"] = method
+            fields["path"] = path
+            fields["status"] = status
+            fields["bytes"] = size
+            fields["duration_ms"] = round(elapsed * 1000, 3)
+            fields["identity"] = identity
             if aborted:
                 fields["aborted"] = aborted
             line = json.dumps(fields, ensure_ascii=False) + "\n"
@@ -84,12 +79,16 @@ class AccessLog:
             second = int(now)
             if second != self._second:  # one strftime per second, not per request
                 self._second = second
-                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+                self._stamp = time.strftime(TEXT_TIME, time.localtime(now))
             millis = int((now - second) * 1000)
             tail = f" aborted={aborted}" if aborted else ""
-            line = (
-                f"{self._stamp},{millis:03d} {self.pid} INFO gateway.access [{request_id}] "
-                f"{method} {path} {status} {size} {elapsed * 1000:.1f}ms id={identity}{tail}\n"
+            line = text_line(
+                f"{self._stamp},{millis:03d}",
+                self.pid,
+                "INFO",
+                LOGGER,
+                request_id,
+                f"{method} {path} {status} {size} {elapsed * 1000:.1f}ms id={identity}{tail}",
             )
         self._lines.append(line)
         if len(self._lines) >= MAX_BUFFERED:
