@@ -22,59 +22,133 @@ class GatewaySettings(BaseSettings):
     """Gateway configuration from the environment and `.env`."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", extra="ignore", case_sensitive=False, env_ignore_empty=True
+        env_file=".env",
+        extra="ignore",
+        case_sensitive=False,
+        env_ignore_empty=True,
+        use_attribute_docstrings=True,  # each variable's meaning: its docstring, below it
     )
 
     redis_url: str
+    """Redis for rate limits: `redis://`, `rediss://` (TLS) or `unix://`; any node of a
+    Cluster; with Sentinel only its credentials, database and scheme count"""
     gateway_upstream_url: str
+    """The chat service, `http://` or `https://`"""
     gateway_host: Host = "0.0.0.0"
+    """Address of the public ports; `0.0.0.0` or `::` listens on IPv4 and IPv6, `127.0.0.1` or
+    `::1` on both loopbacks"""
     gateway_http_port: Port = 8080
+    """Public HTTP port"""
     gateway_https_port: Port = 8443
+    """Public HTTPS port (when TLS is configured)"""
     gateway_admin_host: Host = "127.0.0.1"
+    """Address of the admin port (metrics); keep it private"""
     gateway_admin_port: Port = 9100
+    """Admin port"""
     gateway_tls_cert_file: Path | None = None
+    """Certificate chain (e.g. certbot's `live/<domain>/fullchain.pem`); give both or neither"""
     gateway_tls_key_file: Path | None = Field(default=None, validate_default=True)
+    """Private key (e.g. `live/<domain>/privkey.pem`)"""
     gateway_acme_webroot: Path | None = None
+    """Directory served at `/.well-known/acme-challenge/` for certbot `--webroot`"""
     gateway_tls_poll_seconds: Annotated[float, Field(ge=0)] = 60.0
+    """How often the TLS files are checked for changes (a safety net for SIGHUP); `0` turns it
+    off"""
     gateway_https_redirect: bool = True
+    """With TLS on, the HTTP port redirects to HTTPS (308) except ACME challenges; `false`
+    serves the API on both (development)"""
     gateway_pid_file: Path | None = None
+    """Pid file written at start (by the supervisor with workers), for
+    `scripts/cert-deploy-hook`"""
     gateway_ratelimit_config: Path = Path("config/ratelimits.toml")
+    """Rate-limit policy file"""
     gateway_ratelimit_failure_mode: FailureMode = "local"
+    """When Redis is unreachable, for policies that name none: `local` (per-process buckets),
+    `open` (allow), `closed` (deny)"""
     gateway_ratelimit_enabled: bool = True
+    """`false` turns rate limiting off (no policy file read, no limits, no headers); for
+    benchmarks and emergencies"""
     gateway_ratelimit_timeout_ms: Annotated[int, Field(ge=1, le=10_000)] = 100
+    """Deadline of each limiter round trip to Redis, 1 to 10000 ms; an error, or three misses
+    in a row, open the circuit breaker"""
     gateway_ratelimit_replicas: Annotated[int, Field(ge=1, le=10_000)] = 1
+    """Gateway hosts sharing one Redis; `local` fallback buckets run at rate and burst / (this
+    x `GATEWAY_WORKERS`)"""
     gateway_ratelimit_lease_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    """Lifetime of a concurrency lease (`concurrent` policies), renewed while the request runs;
+    a crashed gateway's leases lapse after it"""
     gateway_redis_key_prefix: str = Field(default="pixelcraft:", min_length=1, max_length=64)
+    """Prefix of every Redis key the gateway writes"""
     gateway_redis_cluster: bool = False
+    """`REDIS_URL` names a node of a Redis Cluster"""
     gateway_redis_sentinels: Annotated[list[str], NoDecode] = []
+    """Comma-separated Sentinel `host:port`s: the primary is found through them (not with
+    `GATEWAY_REDIS_CLUSTER`)"""
     gateway_redis_sentinel_service: str = Field(default="mymaster", min_length=1)
+    """The Sentinel service name of the primary"""
     gateway_trusted_proxies: Annotated[list[IPNetwork], NoDecode] = []
+    """Comma-separated CIDRs whose `X-Forwarded-For` is believed; empty trusts none"""
     gateway_user_id_header: UserIdHeader = "trusted"
+    """Whose `X-User-Id` names the user: `trusted` (only a peer in `GATEWAY_TRUSTED_PROXIES`),
+    `any` (every client: development; warned at boot beyond loopback) or `off` (see
+    docs/gateway.md, "Identity")"""
     gateway_jwt_secret: SecretStr | None = None
+    """HS256 secret (at least 32 bytes); turns on JWT mode"""
     gateway_jwks_url: str | None = None
+    """JSON Web Key Set URL for RS256/ES256/EdDSA tokens; turns on JWT mode"""
     gateway_jwks_file: Path | None = None
+    """The same from a file (not with `GATEWAY_JWKS_URL`); unreadable at boot: exit 69"""
     gateway_jwt_audience: str | None = None
+    """Required `aud` claim, when set (Supabase: `authenticated`)"""
     gateway_jwt_issuer: str | None = None
+    """Required `iss` claim, when set"""
     gateway_workers: Annotated[int, Field(ge=1, le=64)] = 1
+    """Worker processes (1 to 64)"""
     gateway_max_body_bytes: Annotated[int, Field(ge=1)] = 1_048_576
+    """Largest request body accepted"""
     gateway_drain_seconds: Annotated[float, Field(ge=0)] = 30.0
+    """On SIGTERM, how long in-flight requests and streams may finish"""
     gateway_upstream_connect_timeout: Seconds = 5.0
+    """Seconds to get a connection to the upstream (pool wait included); then 504"""
     gateway_upstream_first_byte_timeout: Seconds = 60.0
+    """Seconds until the upstream's response starts (covers the model's first token); then 504"""
     gateway_upstream_read_timeout: Seconds = 60.0
+    """Seconds the upstream may stay silent mid-body; then the client connection is aborted"""
     gateway_upstream_pool_size: Annotated[int, Field(ge=1, le=10_000)] = 256
+    """Upstream connections per worker; each open stream holds one"""
     gateway_header_timeout: Seconds = 10.0
+    """Seconds a request's head may take to arrive (from the connection, or from its first byte
+    on a kept-alive one); then the connection closes"""
     gateway_keepalive_timeout: Seconds = 75.0
+    """Seconds an idle client keep-alive connection stays open"""
     gateway_client_body_timeout: Seconds = 30.0
+    """Seconds a request body may stay silent (as nginx's `client_body_timeout`); then 408, the
+    connection closes and any upstream request is aborted"""
     gateway_client_body_buffer_bytes: Annotated[int, Field(ge=65_536, le=64 << 20)] = 256 << 10
+    """Request bodies up to this size (at least 65536) are received whole before an upstream
+    connection is taken; larger ones take it once this much has arrived, then stream"""
     gateway_client_body_buffer_total_bytes: Annotated[int, Field(ge=65_536)] = 64 << 20
+    """All request bodies held in memory at once, per worker; past it a request is a 503 with
+    `Retry-After: 1`"""
     gateway_tls_handshake_timeout: Seconds = 10.0
+    """Seconds a TLS handshake may take on the HTTPS port"""
     gateway_websocket_idle_timeout: Seconds = 300.0
+    """Seconds a WebSocket tunnel may pass no byte either way (pings count); then both sides
+    close"""
     gateway_access_log: bool = True
+    """One access-log line per response (stderr, batched)"""
     gateway_public_url: str | None = None
+    """The URL clients use, `https://…`: the `servers` entry of `/openapi.json` (relative when
+    unset)"""
     gateway_openapi_refresh_seconds: Annotated[float, Field(ge=1)] = 60.0
+    """How often the chat service's `/openapi.json` is fetched again (the last good copy is
+    kept)"""
     gateway_startup_retry_seconds: Annotated[float, Field(ge=0)] = 15.0
+    """How long boot keeps retrying Redis before exiting 69"""
     gateway_log_level: LogLevel = "INFO"
+    """`DEBUG`, `INFO`, `WARNING` or `ERROR`"""
     gateway_log_format: LogFormat = "text"
+    """`text` or `json` (one object per line)"""
 
     @field_validator("redis_url")
     @classmethod
