@@ -6,14 +6,15 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench loadtest clean
+.PHONY: run test lint bench loadtest clean lock docs
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(VPY) setup.cfg pyproject.toml
-	$(VPY) -m pip install --quiet -e '.[test,dev,lint,load]'
+# Installed through constraints.txt: the same versions on every machine, in CI and in the image.
+$(STAMP): $(VPY) setup.cfg pyproject.toml constraints.txt
+	$(VPY) -m pip install --quiet -c constraints.txt -e '.[test,dev,lint,load]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -26,6 +27,19 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# Refresh constraints.txt: resolve setup.cfg's ranges afresh in a scratch venv and pin the result.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet -e '.[test,dev,lint,load]'
+	{ sed -n '1,3p' constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
+	@echo "constraints.txt refreshed: run make lint test, then commit it"
+
+# Regenerate docs/configuration.md's tables from the settings classes.
+docs: $(STAMP)
+	$(VPY) -m devtools.configdoc
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache *.egg-info
