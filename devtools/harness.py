@@ -26,7 +26,7 @@ from typing import Any
 
 from redis import Redis
 
-from devtools.services import exit_with_parent, free_port
+from devtools.services import descendants, exit_with_parent, free_port, stat_fields
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TAIL_LINES = 20
@@ -213,35 +213,16 @@ def delete_keys(client: Redis, prefix: str) -> int:
 # --- /proc accounting -----------------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()  # from field 3 (state) on
-
-
 def process_tree(root: int | None) -> list[int]:
     """root and all its descendants (nothing for None)."""
-    if root is None:
-        return []
-    parents: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))):
-            parents.setdefault(int(fields[1]), []).append(int(entry.name))
-    tree, todo = [root], [root]
-    while todo:
-        kids = parents.get(todo.pop(), [])
-        tree += kids
-        todo += kids
-    return tree
+    return [] if root is None else [root, *descendants(root)]
 
 
 def cpu_seconds(pids: Iterable[int]) -> float:
     """utime + stime of the processes (all their threads), in seconds."""
     ticks = 0
     for pid in pids:
-        if fields := _stat_fields(pid):
+        if fields := stat_fields(pid):
             ticks += int(fields[11]) + int(fields[12])
     return ticks / CLK_TCK
 

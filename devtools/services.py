@@ -191,17 +191,23 @@ def _adopting_orphans() -> Iterator[None]:
         libc.prctl(_PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(previous.value))
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) from /proc, or None when the process is gone or there is no /proc."""
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on, or None when the process is gone or there is
+    no /proc."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return fields[0], int(fields[1])
+    return text[text.rindex(")") + 2 :].split()
 
 
-def _descendants(root: int) -> list[int]:
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid), or None when the process is gone or there is no /proc."""
+    fields = stat_fields(pid)
+    return None if fields is None else (fields[0], int(fields[1]))
+
+
+def descendants(root: int) -> list[int]:
     """Pids of root's children, their children, and so on; [] without /proc."""
     children: dict[int, list[int]] = {}
     with contextlib.suppress(OSError):
@@ -255,7 +261,7 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
     with _adopting_orphans():
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGSTOP)
-        tree = _descendants(proc.pid)
+        tree = descendants(proc.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         for pid in tree:
