@@ -30,7 +30,8 @@ DESCRIPTION = (
     "environment variables (and .env); see README.md. Exits 78 on invalid configuration, 69 "
     "when Redis stays unreachable. Rate-limit policies come from GATEWAY_RATELIMIT_CONFIG "
     "(config/ratelimits.toml). SIGTERM drains in-flight requests and exits 0; SIGHUP reloads the "
-    "policies."
+    "policies. `python -m gateway limits --help`: the operator's view of a user's limits and "
+    "per-user overrides."
 )
 
 
@@ -56,6 +57,11 @@ def describe(policy: Policy) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["limits"]:  # the operator's CLI: gateway.limiting.cli
+        from gateway.limiting import cli
+
+        sys.exit(cli.main(argv[1:]))
     # --worker N (internal): worker N of GATEWAY_WORKERS processes started by the supervisor.
     args = command_line("python -m gateway", DESCRIPTION, argv, hidden=("--worker",))
     settings = load_settings(GatewaySettings, "gateway")

@@ -29,6 +29,7 @@ from gateway.keys import (
 )
 from gateway.limiting.backend import describe, redis_ctx
 from gateway.limiting.limiter import Limiter
+from gateway.limiting.overrides import Overrides, OverrideStore
 from gateway.limiting.policies import Policies, PolicyError, load_policies
 from gateway.metrics import Metrics, metrics_key
 from gateway.openapi import ApiDocument
@@ -122,6 +123,12 @@ async def limiter_ctx(app: web.Application) -> AsyncIterator[None]:
         raise DependencyUnavailable(
             f"Redis at {describe(settings)} refuses the rate-limit script: {exc}"
         ) from exc
+    overrides = Overrides(
+        OverrideStore(app[redis_key], settings.gateway_redis_key_prefix),
+        settings.gateway_ratelimit_overrides_refresh_seconds,
+    )
+    await overrides.start()  # a failure is a warning: overrides apply once Redis answers
+    limiter.overrides = overrides
 
     async def reload() -> None:
         try:
@@ -141,6 +148,7 @@ async def limiter_ctx(app: web.Application) -> AsyncIterator[None]:
     logger.info("rate-limit policies: %s", summary(limiter.policies))
     yield
     app[plane_key].limiter = None
+    await overrides.close()
     await limiter.close()
 
 

@@ -139,10 +139,20 @@ class RateLimited(GatewayError):
     # draft-ietf-httpapi-ratelimit-headers-10 §6.1
     type = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
-    def __init__(self, detail: str, violated: list[str], retry_after: int) -> None:
+    def __init__(
+        self,
+        detail: str,
+        violated: list[str],
+        retry_after: int,
+        plan: str = "default",
+        override: bool = False,
+    ) -> None:
         super().__init__(detail)
         self.members["violated-policies"] = violated
         self.members["retry_after"] = retry_after
+        self.members["plan"] = plan  # whose version of the policy denied: the user's plan
+        if override:
+            self.members["override"] = True  # an operator's override of it for this user
         self.headers["Retry-After"] = str(retry_after)
 
 

@@ -76,8 +76,9 @@ class Metrics:
             "gateway_ratelimit_decisions_total",
             "Rate-limit decisions by policy: allowed and limited (Redis), fallback_allowed and "
             "fallback_limited (local buckets while Redis is unavailable), open_allowed and "
-            "closed_rejected (failure_mode open / closed while Redis is unavailable).",
-            ["policy", "decision"],
+            "closed_rejected (failure_mode open / closed while Redis is unavailable); `plan` is "
+            "the plan whose version of the policy applied (`default`, or a configured plan).",
+            ["policy", "decision", "plan"],
             registry=r,
         )
         self.ratelimit_backend_errors = Counter(
@@ -225,9 +226,12 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return response
 
 
-def create_admin_app(metrics: Metrics) -> web.Application:
-    """The admin listener's app: `/metrics`, never served on the public ports."""
+def create_admin_app(metrics: Metrics, limits: web.Application | None = None) -> web.Application:
+    """The admin listener's app: `/metrics` (and the limits API at `/limits`), never served on
+    the public ports."""
     app = web.Application()
     app[metrics_key] = metrics
     app.router.add_get("/metrics", metrics_handler)
+    if limits is not None:
+        app.add_subapp("/limits", limits)
     return app

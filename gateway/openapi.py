@@ -95,6 +95,17 @@ GATEWAY_SCHEMAS: dict[str, Any] = {
                 "example": ["chat"],
             },
             "retry_after": {"type": "integer", "description": "Seconds to wait.", "example": 3},
+            "plan": {
+                "type": "string",
+                "description": "The caller's plan whose version of the policy denied "
+                "(`default` for everyone without one); see `x-ratelimit-plans`.",
+                "example": "default",
+            },
+            "override": {
+                "type": "boolean",
+                "description": "Present (true) when an operator's override of the policy for "
+                "this user denied.",
+            },
             "request_id": {"type": "string", "example": "9f1c2d3e4b5a69788796a5b4c3d2e1f0"},
         },
         "required": ["type", "title", "status", "detail", "violated-policies", "retry_after"],
@@ -163,6 +174,23 @@ def ratelimit_of(policies: Policies, method: str, path: str) -> list[dict[str, A
     return applied
 
 
+def plans_of(policies: Policies, method: str, path: str) -> dict[str, list[dict[str, Any]]]:
+    """What each configured plan's users get on `method path` (x-ratelimit-plans)."""
+    base = policies.match(method.upper(), path)
+    plans = {}
+    for plan, versions in policies.plans.items():
+        policy = versions[base.name]
+        applied = []
+        if policy.cost:
+            applied.append(policy_object(policy, "user"))
+        if policy.tokens is not None:
+            applied.append(budget_object(policy))
+        if policy.concurrent is not None:
+            applied.append(concurrency_object(policy))
+        plans[plan] = applied
+    return plans
+
+
 def _describe(limits: list[dict[str, Any]]) -> str:
     if not limits:
         return "Not rate limited."
@@ -210,6 +238,9 @@ def _annotate(
     responses = operation.setdefault("responses", {})
     limits = ratelimit_of(policies, method, path) if policies is not None else []
     note = _describe(limits) if policies is not None else "Rate limiting is off."
+    plans = plans_of(policies, method, path) if policies is not None else {}
+    for plan, applied in plans.items():
+        note += f" Plan `{plan}`: " + _describe(applied).removeprefix("Rate limits: ")
     operation["description"] = (operation.get("description", "").rstrip() + "\n\n" + note).strip()
     for code, meaning in (
         ("502", "The gateway could not reach the upstream, or it reset the connection."),
@@ -224,6 +255,8 @@ def _annotate(
         responses["413"] = _gateway_problem(f"The body exceeds {max_body} bytes.")
     if policies is not None:
         operation["x-ratelimit"] = limits
+        if plans:  # the user policies of each plan (the address ceilings are the same)
+            operation["x-ratelimit-plans"] = plans
         for response in responses.values():  # every answer once the limiter has run
             if isinstance(response, dict) and "$ref" not in response:
                 response.setdefault("headers", {}).update(

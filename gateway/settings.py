@@ -102,6 +102,19 @@ class GatewaySettings(BaseSettings):
     """Required `aud` claim, when set (Supabase: `authenticated`)"""
     gateway_jwt_issuer: str | None = None
     """Required `iss` claim, when set"""
+    gateway_plan_claim: str = Field(default="plan", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+    """The JWT claim naming the user's plan (`[plans.<name>]` in the policy file); a dotted path
+    reads a nested claim, e.g. `app_metadata.plan` as Supabase issues it. Absent, or a plan the
+    policy file does not have: `default`"""
+    gateway_ratelimit_overrides_refresh_seconds: Annotated[float, Field(gt=0, le=60)] = 2.0
+    """How often each gateway checks Redis for changed per-user overrides (`python -m gateway
+    limits set`): a change applies everywhere within this time"""
+    gateway_admin_api_allow: Annotated[list[IPNetwork], NoDecode] = [
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    ]
+    """Comma-separated CIDRs that may use the limits API on the admin port (`/limits/...`);
+    others get 403. Loopback only by default, whatever GATEWAY_ADMIN_HOST is"""
     gateway_workers: Annotated[int, Field(ge=1, le=64)] = 1
     """Worker processes (1 to 64)"""
     gateway_max_body_bytes: Annotated[int, Field(ge=1)] = 1_048_576
@@ -219,7 +232,7 @@ class GatewaySettings(BaseSettings):
             raise ValueError("set without GATEWAY_TLS_CERT_FILE: give both or neither")
         return key
 
-    @field_validator("gateway_trusted_proxies", mode="before")
+    @field_validator("gateway_trusted_proxies", "gateway_admin_api_allow", mode="before")
     @classmethod
     def _split_proxies(cls, value: object) -> object:
         items = split_csv(value)

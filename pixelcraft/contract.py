@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 
 USER_ID_HEADER = "X-User-Id"
+USER_PLAN_HEADER = "X-User-Plan"  # the user's plan, from a proxy the gateway trusts
 REQUEST_ID_HEADER = "X-Request-Id"
 
 USER_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"

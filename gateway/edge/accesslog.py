@@ -61,6 +61,7 @@ class AccessLog:
         elapsed: float,
         identity: str,
         aborted: str | None,
+        plan: str = "default",
     ) -> None:
         now = time.time()
         if self.fmt == "json":
@@ -72,6 +73,7 @@ class AccessLog:
             fields["bytes"] = size
             fields["duration_ms"] = round(elapsed * 1000, 3)
             fields["identity"] = identity
+            fields["plan"] = plan
             if aborted:
                 fields["aborted"] = aborted
             line = json.dumps(fields, ensure_ascii=False) + "\n"
@@ -82,6 +84,8 @@ class AccessLog:
                 self._stamp = time.strftime(TEXT_TIME, time.localtime(now))
             millis = int((now - second) * 1000)
             tail = f" aborted={aborted}" if aborted else ""
+            if plan != "default":
+                tail += f" plan={plan}"
             line = text_line(
                 f"{self._stamp},{millis:03d}",
                 self.pid,

@@ -47,6 +47,7 @@ from gateway.errors import (
 )
 from gateway.limiting.decisions import Decision
 from gateway.limiting.headers import limit_block
+from gateway.limiting.policies import DEFAULT_PLAN
 from gateway.limiting.usage import UsageWatcher
 from gateway.metrics import OTHER
 from pixelcraft.logs import request_id_var
@@ -179,7 +180,8 @@ class Exchange(Relay):
         is not believed is ignored, not an error: the client is its address."""
         mode = self.plane.user_header
         if mode == "any" or (mode == "trusted" and self.conn.peer_trusted):
-            return resolve_plain(self.request.user_ids, anonymous.value)
+            request = self.request
+            return resolve_plain(request.user_ids, anonymous.value, request.user_plans)
         return anonymous
 
     async def _identify_by_token(self) -> None:
@@ -187,7 +189,9 @@ class Exchange(Relay):
         verifier = self.plane.verifier
         assert verifier is not None and self.client is not None
         try:
-            identity = await resolve_jwt(self.request.authorization, self.client.address, verifier)
+            identity = await resolve_jwt(
+                self.request.authorization, self.client.address, verifier, self.plane.plan_claim
+            )
             self.identity = self._by_header(identity) if identity.kind == "ip" else identity
         except GatewayError as exc:
             self.task = None
@@ -461,6 +465,12 @@ class Exchange(Relay):
         access_log = plane.access_log
         if access_log is not None:
             identity = self.identity
+            limiter = plane.limiter
+            plan = (
+                limiter.plan_of(identity)
+                if limiter is not None and identity is not None
+                else DEFAULT_PLAN
+            )
             access_log.write(
                 self.rid,
                 request.method,
@@ -470,5 +480,6 @@ class Exchange(Relay):
                 elapsed,
                 identity.kind if identity is not None else "-",
                 self.aborted,
+                plan,
             )
         self.conn.exchange_done(self)

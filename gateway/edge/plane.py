@@ -84,6 +84,7 @@ class DataPlane:
         self.pool = UpstreamPool(settings.gateway_upstream_url, settings.gateway_upstream_pool_size)
         self.trusted = list(settings.gateway_trusted_proxies)
         self.user_header = settings.gateway_user_id_header
+        self.plan_claim = tuple(settings.gateway_plan_claim.split("."))
         self.max_body = settings.gateway_max_body_bytes
         self.buffer_size = settings.gateway_client_body_buffer_bytes
         self.buffer_total = settings.gateway_client_body_buffer_total_bytes

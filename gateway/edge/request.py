@@ -10,7 +10,8 @@ asterisk-form and targets that are neither origin- nor absolute-form (§3.2). CO
 
 The same pass builds the block of header lines forwarded upstream: the client's end-to-end
 headers minus hop-by-hop ones (and those `Connection` names), minus what the gateway sets
-itself (Host, X-Forwarded-*, X-Request-Id, X-User-Id, the body's framing, Expect), minus what
+itself (Host, X-Forwarded-*, X-Request-Id, X-User-Id, X-User-Plan, the body's framing, Expect),
+minus what
 must never pass: `Proxy-Authorization`, names containing `_` (nginx's `underscores_in_headers
 off`: `X_User_Id` must not become `X-User-Id` in a CGI-style upstream) and, unless the peer is
 a trusted proxy, `Forwarded` and `X-Real-IP`.
@@ -30,6 +31,7 @@ ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # What the one pass does with each header the gateway reads (lower-case names).
 _HOST, _LENGTH, _TE, _CONNECTION, _UPGRADE, _EXPECT = 1, 2, 3, 4, 5, 6
 _USER, _AUTH, _RID, _XFF, _XFPROTO, _XFHOST, _DROP, _PEER_TRUST = 7, 8, 9, 10, 11, 12, 13, 14
+_PLAN = 15
 _SPECIAL = {
     b"host": _HOST,
     b"content-length": _LENGTH,
@@ -38,6 +40,7 @@ _SPECIAL = {
     b"upgrade": _UPGRADE,
     b"expect": _EXPECT,
     b"x-user-id": _USER,
+    b"x-user-plan": _PLAN,
     b"authorization": _AUTH,
     b"x-request-id": _RID,
     b"x-forwarded-for": _XFF,
@@ -71,6 +74,7 @@ class Request:
         "query",
         "request_id",
         "user_ids",
+        "user_plans",
         "version",
         "websocket",
     )
@@ -87,6 +91,7 @@ class Request:
         self.expect_continue = False
         self.websocket = False
         self.user_ids: list[str] = []
+        self.user_plans: list[str] = []
         self.authorization: list[str] = []
         self.request_id: str | None = None
         self.forwarded_for: list[str] = []
@@ -193,6 +198,8 @@ def parse_head(
             request.expect_continue = True
         elif kind == _USER:
             request.user_ids.append(value.decode("latin-1"))
+        elif kind == _PLAN:
+            request.user_plans.append(value.decode("latin-1"))
         elif kind == _AUTH:
             request.authorization.append(value.decode("latin-1"))
             forward.append(b"%b: %b\r\n" % (name, value))

@@ -58,12 +58,12 @@ class Decision:
                 f'concurrency cap "{name}" reached: at most {policy.concurrent} requests at '
                 "once; retry when one of yours has finished"
             )
-            return RateLimited(detail, [name], CONCURRENT_RETRY_AFTER)
+            return RateLimited(detail, [name], CONCURRENT_RETRY_AFTER, policy.plan, policy.override)
         tight_verdict = max(denied, key=lambda v: v.retry_after)
         retry_after = max(1, math.ceil(tight_verdict.retry_after - 1e-6))
         tight = tight_verdict.policy
-        key = (tight.name, tight.burst, tight.rate_text, tight.cost, retry_after,
-               *[v.policy.name for v in denied])  # fmt: skip
+        key = (tight.name, tight.burst, tight.rate_text, tight.cost, retry_after, tight.plan,
+               tight.override, *[v.policy.name for v in denied])  # fmt: skip
         found = _DENIALS.get(key)
         if found is not None:
             return found  # never raised, only answered: one instance serves every repeat
@@ -72,7 +72,9 @@ class Decision:
             f'rate limit "{tight.name}" exceeded: {tight.burst} tokens, refilled at '
             f"{tight.rate_text}; this {noun} can be retried in {retry_after} s"
         )
-        denial = RateLimited(detail, [v.policy.name for v in denied], retry_after)
+        denial = RateLimited(
+            detail, [v.policy.name for v in denied], retry_after, tight.plan, tight.override
+        )
         if len(_DENIALS) >= DENIALS_KEPT:
             _DENIALS.clear()
         _DENIALS[key] = denial

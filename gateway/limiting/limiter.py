@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,10 +26,13 @@ from gateway.limiting.breaker import Breaker
 from gateway.limiting.buckets import BucketsUnavailable, LocalBuckets, RedisBuckets, Take
 from gateway.limiting.decisions import Decided, Decision, Verdict, refunded
 from gateway.limiting.leases import Leases, LeasesUnavailable
-from gateway.limiting.policies import Policies, Policy
+from gateway.limiting.overrides import Overrides, user_of
+from gateway.limiting.policies import DEFAULT_PLAN, Policies, Policy
 from gateway.limiting.settlement import Settlement
 from gateway.metrics import Metrics
 from pixelcraft.aio import Tasks
+
+logger = logging.getLogger(__name__)
 
 KEY_CACHE = 50_000  # memoized bucket operations (about 300 bytes each)
 CLOSED_RETRY_AFTER = 2  # seconds a failure_mode=closed 503 asks the client to wait
@@ -37,6 +41,16 @@ CLOSED_RETRY_AFTER = 2  # seconds a failure_mode=closed 503 asks the client to w
 def _digest(text: str) -> str:
     """Identities in keys are hashed: fixed length, no key syntax, nothing readable in Redis."""
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def identity_digest(kind: str, value: str) -> str:
+    """An identity as its buckets' keys name it: anonymous clients and address ceilings by
+    address (per /64 for IPv6), users by kind and id."""
+    if kind == "address":
+        return _digest(address_key(value))
+    if kind == "ip":
+        return _digest(f"ip:{address_key(value)}")
+    return _digest(f"{kind}:{value}")
 
 
 def address_key(address: str) -> str:
@@ -79,20 +93,20 @@ class Limiter:
         self.leases = Leases(client, ttl=lease_seconds, timeout=timeout, divisor=divisor)
         self.settlement = Settlement(self.buckets, self.leases, metrics)
         self._checks = Tasks("limiter checks")  # check_soon's general case
-        self._children: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[str, str, str], Any] = {}
         self._takes: dict[tuple[str, str, str], Take] = {}
+        self.overrides: Overrides | None = None  # per-user overrides, when the app has them
+        self._unknown_plans: set[str] = set()
         self.policies = policies
-        self._args: dict[str, tuple[str, str]] = {}
         self.use(policies)
 
     def use(self, policies: Policies) -> None:
         """Apply a new policy set (boot, SIGHUP): buckets of a kept name keep their state."""
-        self._args = {p.name: (repr(p.interval_us), str(p.burst)) for p in policies.all()}
         self._takes = {}
         self.policies = policies
         for policy in policies.all():
             for decision in ("allowed", "limited"):
-                self._count(policy.name, decision, 0)  # series exist from the start
+                self._count(policy.name, policy.plan, decision, 0)  # series exist from the start
 
     async def start(self) -> None:
         await self.buckets.start()
@@ -110,31 +124,53 @@ class Limiter:
         await self.buckets.close()
         await self.leases.close()
 
-    def _count(self, policy: str, decision: str, amount: int = 1) -> None:
-        child = self._children.get((policy, decision))
+    def _count(self, policy: str, plan: str, decision: str, amount: int = 1) -> None:
+        key = (policy, plan, decision)
+        child = self._children.get(key)
         if child is None:
-            child = self._children[(policy, decision)] = self.metrics.ratelimit_decisions.labels(
-                policy, decision
+            child = self._children[key] = self.metrics.ratelimit_decisions.labels(
+                policy, decision, plan
             )
         child.inc(amount)
 
     def _take(self, policy: Policy, kind: str, value: str) -> Take:
         """The bucket operation of (policy, identity), memoized: the key's hash is most of
-        its cost, and the same users come back. Emptied when the policies change."""
-        take = self._takes.get((policy.name, kind, value))
+        its cost, and the same users come back. Emptied when the policies change. (An
+        overridden policy shares its plan's bucket with other parameters: never memoized.)"""
+        take = self._takes.get((policy.bucket, kind, value))
         if take is None:
-            if kind == "address":
-                digest = _digest(address_key(value))
-            elif kind == "ip":  # an anonymous client: per /64 for IPv6, like the ceiling
-                digest = _digest(f"ip:{address_key(value)}")
-            else:
-                digest = _digest(f"{kind}:{value}")
-            interval, burst = self._args[policy.name]
-            take = Take(f"{self.prefix}{policy.name}:{digest}", interval, burst, policy.cost)
+            interval, burst = policy.args
+            key = f"{self.prefix}{policy.bucket}:{identity_digest(kind, value)}"
+            take = Take(key, interval, burst, policy.cost)
+            if policy.override:
+                return take
             if len(self._takes) >= KEY_CACHE:
                 self._takes.clear()  # cheaper than an LRU, and refilled in a few requests
-            self._takes[(policy.name, kind, value)] = take
+            self._takes[(policy.bucket, kind, value)] = take
         return take
+
+    def plan_of(self, identity: Identity) -> str:
+        """The plan whose policies apply to this identity (an unconfigured one: the default)."""
+        plan = identity.plan
+        return plan if plan == DEFAULT_PLAN or plan in self.policies.plans else DEFAULT_PLAN
+
+    def effective(self, policy: Policy, identity: Identity) -> Policy:
+        """`policy` as it applies to this identity: its plan's version, then any override."""
+        plan = identity.plan
+        if plan != DEFAULT_PLAN:
+            planned = self.policies.for_plan(policy, plan)
+            if planned is not None:
+                policy = planned
+            elif plan not in self._unknown_plans and len(self._unknown_plans) < 1000:
+                self._unknown_plans.add(plan)
+                logger.warning(
+                    "plan %r is not in the policy file: its users get the default plan",
+                    plan[:64],
+                )
+        overrides = self.overrides
+        if overrides is not None and overrides.entries:
+            policy = overrides.apply(policy, user_of(identity))
+        return policy
 
     def plan(
         self,
@@ -148,6 +184,8 @@ class Limiter:
         budget's (the reservation), the ceiling's. Buckets that cost nothing are left out."""
         policies = self.policies
         policy = policies.match(method, path)
+        if identity.plan != DEFAULT_PLAN or self.overrides is not None:
+            policy = self.effective(policy, identity)
         applied: list[Policy] = []
         takes: list[Take] = []
         if policy.cost:
@@ -291,10 +329,10 @@ class Limiter:
         allowed = True
         for verdict in verdicts:
             if verdict.allowed:
-                self._count(verdict.policy.name, "allowed")
+                self._count(verdict.policy.name, verdict.policy.plan, "allowed")
             else:
                 allowed = False
-                self._count(verdict.policy.name, "limited")
+                self._count(verdict.policy.name, verdict.policy.plan, "limited")
         if allowed or len(verdicts) == 1:
             return Decision(verdicts, allowed)
         if self.buckets.atomic:  # nothing was taken from any bucket
@@ -319,7 +357,7 @@ class Limiter:
             lease, held = await self.leases.acquire(key, cap)
         except LeasesUnavailable:
             if mode == "closed":
-                self._count(name, "closed_rejected")
+                self._count(name, policy.plan, "closed_rejected")
                 self._give_back(decision, takes)
                 raise LimiterUnavailable(
                     f'the concurrency cap "{name}" cannot be checked and fails closed; '
@@ -327,12 +365,12 @@ class Limiter:
                     CLOSED_RETRY_AFTER,
                 ) from None
             if mode == "open":
-                self._count(name, "open_allowed")
+                self._count(name, policy.plan, "open_allowed")
                 return
             lease, held = self.leases.acquire_local(key, cap)
-            self._count(name, "fallback_allowed" if lease else "fallback_limited")
+            self._count(name, policy.plan, "fallback_allowed" if lease else "fallback_limited")
         else:
-            self._count(name, "allowed" if lease else "limited")
+            self._count(name, policy.plan, "allowed" if lease else "limited")
         self.metrics.ratelimit_streams.set(self.leases.held)
         decision.concurrency = (policy, max(0, cap - held))
         if lease is None:
@@ -360,15 +398,17 @@ class Limiter:
             mode = "local" if transient else policy.failure_mode
             if mode == "closed":
                 closed = policy
-                self._count(policy.name, "closed_rejected")
+                self._count(policy.name, policy.plan, "closed_rejected")
             elif mode == "open":
                 verdicts.append(Verdict(policy, True, 0, 0.0, 0.0, 0.0, known=False))
-                self._count(policy.name, "open_allowed")
+                self._count(policy.name, policy.plan, "open_allowed")
             else:
                 reply = self.local.take(take.key, 1 / policy.rate, policy.burst, policy.cost)
                 verdicts.append(Verdict(policy, *reply))
                 self._count(
-                    policy.name, "fallback_allowed" if reply.allowed else "fallback_limited"
+                    policy.name,
+                    policy.plan,
+                    "fallback_allowed" if reply.allowed else "fallback_limited",
                 )
         if closed is not None:
             raise LimiterUnavailable(

@@ -4,6 +4,12 @@ A policy is a token bucket: `rate` refills it, `burst` is its capacity, `cost` i
 takes. `[default]` applies to requests no `[[rules]]` entry matches (first match wins, by method
 and path prefix); `[ip]`, when present, applies to every request as well, keyed on the client
 address, so inventing user ids from one address gains nothing.
+
+`[plans.<plan>.<policy>]` tables change a policy's rate, burst, token budget or concurrency for
+the users of a plan (from a JWT claim or a trusted proxy's X-User-Plan): a plan's buckets are
+keys of their own (`<policy>@<plan>`), so a user who changes plan starts on the new plan's
+bucket at once. Keys a plan does not give are the policy's own. An override (per user, from
+Redis: gateway.limiting.overrides) changes a policy the same way, on the plan's bucket.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -23,11 +29,21 @@ RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(second|minute|hour|day)s?\s*$")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 METHOD = re.compile(r"^[A-Z]{1,16}$")
 RESERVED = ("default", "ip")
+DEFAULT_PLAN = "default"
 
 IP_KEYS = {"rate", "burst", "cost", "failure_mode"}
 SECTION_KEYS = IP_KEYS | {"tokens", "tokens_burst", "tokens_estimate", "concurrent",
                           "address_rate", "address_burst"}  # fmt: skip
 RULE_KEYS = SECTION_KEYS | {"name", "methods", "path_prefix"}
+PLAN_KEYS = {"rate", "burst", "tokens", "tokens_burst", "concurrent"}
+PLAN_NAME_RULE = (
+    'a plan\'s name must match [a-z0-9][a-z0-9_-]{0,31} and not be "default" (the plan of '
+    "everyone else: change the policies themselves)"
+)
+PLAN_TABLE_RULE = (
+    "must be a table: [plans.<plan>.<policy>] with rate, burst, tokens, tokens_burst or concurrent"
+)
+PER_ADDRESS = "[ip] and address ceilings are per address, not per plan"
 
 
 class PolicyError(ValueError):
@@ -54,20 +70,32 @@ class Policy:
     tokens_estimate: int | None = None  # reserved per request; None: from the body's size
     concurrent: int | None = None  # requests in flight per identity, if capped
     address: Policy | None = None  # this policy's own ceiling per client address, if any
+    plan: str = DEFAULT_PLAN  # whose users it applies to (a plan's version of the policy)
+    override: bool = False  # one user's override (from Redis), on the plan's bucket
 
     window: int = field(init=False)
     member: str = field(init=False)
     quoted: str = field(init=False)
+    bucket: str = field(init=False)  # the bucket's name in its Redis key
+    args: tuple[str, str] = field(init=False)  # the script's interval and burst arguments
 
     def __post_init__(self) -> None:
         # w: seconds for an empty bucket to fill, the draft's window for a quota of `burst`.
         window = max(1, math.ceil(self.burst / self.rate - 1e-9))
         object.__setattr__(self, "window", window)
         # This policy as a RateLimit-Policy list member (draft-ietf-httpapi-ratelimit-headers-10
-        # §3), rendered once: quota `q` = burst, window `w`.
+        # §3), rendered once: quota `q` = burst, window `w`; a plan other than the default and
+        # an override are vendor parameters.
         unit = f';pixelcraft-unit="{self.unit}"' if self.unit else ""
+        if self.plan != DEFAULT_PLAN:
+            unit += f';pixelcraft-plan="{self.plan}"'
+        if self.override:
+            unit += ";pixelcraft-override"
         object.__setattr__(self, "member", f'"{self.name}";q={self.burst};w={window}{unit}')
         object.__setattr__(self, "quoted", f'"{self.name}"')  # an sf-string: names are safe
+        bucket = self.name if self.plan == DEFAULT_PLAN else f"{self.name}@{self.plan}"
+        object.__setattr__(self, "bucket", bucket)
+        object.__setattr__(self, "args", (repr(self.interval_us), str(self.burst)))
 
     @property
     def interval_us(self) -> float:
@@ -127,11 +155,31 @@ def normalize_path(path: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Policies:
-    """Everything the limiter applies; immutable, swapped whole on SIGHUP."""
+    """Everything the limiter applies; immutable, swapped whole on SIGHUP. `plans`: for each
+    plan, its version of every policy (those it does not change are keyed per plan all the
+    same, so a change of plan is a fresh bucket)."""
 
     default: Policy
     ip: Policy | None
     rules: tuple[Rule, ...]
+    plans: dict[str, dict[str, Policy]] = field(default_factory=dict)
+
+    def for_plan(self, policy: Policy, plan: str) -> Policy | None:
+        """`policy` as it applies to a plan's users; None for a plan that is not configured."""
+        if plan == DEFAULT_PLAN:
+            return policy
+        versions = self.plans.get(plan)
+        return None if versions is None else versions[policy.name]
+
+    def named(self, name: str) -> Policy | None:
+        """A user policy (`default` or a rule's) by name; None for any other name."""
+        if name == self.default.name:
+            return self.default
+        return next((rule.policy for rule in self.rules if rule.policy.name == name), None)
+
+    def users(self) -> list[Policy]:
+        """The policies keyed per user: the default and the rules' (not the ceilings)."""
+        return [self.default, *(rule.policy for rule in self.rules)]
 
     def match(self, method: str, path: str) -> Policy:
         """The policy for a request: the first matching rule, else the default."""
@@ -143,10 +191,12 @@ class Policies:
         return self.default
 
     def all(self) -> list[Policy]:
-        """Every bucket policy, token budgets included."""
-        policies = [self.default, *(rule.policy for rule in self.rules)]
+        """Every bucket policy, token budgets and plans' versions included."""
+        policies = self.users()
+        for versions in self.plans.values():
+            policies += versions.values()
         budgets = [p.tokens for p in policies if p.tokens is not None]
-        ceilings = [p.address for p in policies if p.address is not None]
+        ceilings = [p.address for p in self.users() if p.address is not None]
         return policies + budgets + ceilings + ([self.ip] if self.ip is not None else [])
 
 
@@ -207,6 +257,80 @@ class _Reader:
         return Policy(name, rate, rate_text, burst, cost, failure_mode, tokens=tokens,
                       tokens_estimate=estimate, concurrent=concurrent,
                       address=address)  # fmt: skip
+
+    def adjust(
+        self, where: str, base: Policy, table: dict[str, Any], plan: str, *, override: bool = False
+    ) -> Policy:
+        """`base` with the keys of `table` changed (PLAN_KEYS), as a plan's version of it or as
+        one user's override; a key not given is the policy's own."""
+        for key in sorted(set(table) - PLAN_KEYS):
+            self.problem(f"{where}.{key}", f"unknown key (known: {', '.join(sorted(PLAN_KEYS))})")
+        rate, rate_text = base.rate, base.rate_text
+        if "rate" in table and (parsed := self.rate(f"{where}.rate", table["rate"], "")):
+            rate, rate_text, _ = parsed
+        burst = base.burst
+        if "burst" in table:
+            burst = self.integer(where, "burst", table["burst"], minimum=1)
+        if base.cost > burst:
+            self.problem(f"{where}.burst", f"{burst} is below the policy's cost {base.cost}")
+        tokens = base.tokens
+        if "tokens" in table or "tokens_burst" in table:
+            tokens = self.adjust_budget(where, base, table)
+        if tokens is not None:
+            tokens = replace(tokens, plan=plan, override=override)
+        concurrent = base.concurrent
+        if "concurrent" in table:
+            concurrent = self.integer(where, "concurrent", table["concurrent"], minimum=1)
+        return replace(base, rate=rate, rate_text=rate_text, burst=burst, tokens=tokens,
+                       concurrent=concurrent, plan=plan, override=override)  # fmt: skip
+
+    def adjust_budget(self, where: str, base: Policy, table: dict[str, Any]) -> Policy | None:
+        """The token budget with `tokens` / `tokens_burst` changed (a new one if it had none)."""
+        budget = base.tokens
+        if "tokens" not in table and budget is None:
+            self.problem(f"{where}.tokens", "missing: the policy has no token budget to change")
+            return None
+        rate, rate_text, burst = (budget.rate, budget.rate_text, budget.burst) if budget else (
+            1.0, "1/second", 1)  # fmt: skip
+        if "tokens" in table:
+            parsed = self.rate(f"{where}.tokens", table["tokens"], " (model tokens)")
+            if parsed is None:
+                return budget
+            rate, rate_text, count = parsed
+            burst = burst if budget is not None else count
+        if "tokens_burst" in table:
+            burst = self.integer(where, "tokens_burst", table["tokens_burst"], minimum=1)
+        return Policy(f"{base.name}-tokens", rate, rate_text, burst, 0, base.failure_mode,
+                      unit="tokens")  # fmt: skip
+
+    def plans(self, raw: dict[str, Any], users: list[Policy]) -> dict[str, dict[str, Policy]]:
+        """`[plans.<plan>.<policy>]`: each plan's version of every user policy."""
+        by_name = {policy.name: policy for policy in users}
+        plans: dict[str, dict[str, Policy]] = {}
+        for plan, tables in raw.items():
+            where = f"plans.{plan}"
+            if not NAME.match(plan) or plan == DEFAULT_PLAN:
+                self.problem(where, PLAN_NAME_RULE)
+                continue
+            if not isinstance(tables, dict):
+                self.problem(where, "must be a table of policies: [plans.<plan>.<policy>]")
+                continue
+            for name in tables:
+                if not isinstance(tables[name], dict):
+                    self.problem(f"{where}.{name}", PLAN_TABLE_RULE)
+                elif name not in by_name:
+                    known = ", ".join(by_name)
+                    self.problem(
+                        f"{where}.{name}",
+                        f"no such policy to change (known: {known}; {PER_ADDRESS})",
+                    )
+            plans[plan] = {
+                name: self.adjust(f"{where}.{name}", policy, table, plan)
+                if isinstance(table := tables.get(name, {}), dict)
+                else replace(policy, plan=plan)
+                for name, policy in by_name.items()
+            }
+        return plans
 
     def ceiling(
         self, where: str, name: str, table: dict[str, Any], cost: int, mode: FailureMode
@@ -290,8 +414,8 @@ def parse_policies(text: str, source: str, default_failure_mode: FailureMode = "
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(source, [f"not valid TOML: {exc}"]) from None
     reader = _Reader(default_failure_mode)
-    for key in sorted(set(doc) - {"default", "ip", "rules"}):
-        reader.problem(key, "unknown section (known: default, ip, rules)")
+    for key in sorted(set(doc) - {"default", "ip", "rules", "plans"}):
+        reader.problem(key, "unknown section (known: default, ip, rules, plans)")
     default_table = reader.table(doc, "default")
     if default_table is None and "default" not in doc:
         reader.problem("default", "missing: the [default] section is required")
@@ -310,9 +434,21 @@ def parse_policies(text: str, source: str, default_failure_mode: FailureMode = "
         rule = reader.rule(index, table, names)
         if rule is not None:
             rules.append(rule)
+    raw_plans = reader.table(doc, "plans")
+    users = [default, *(rule.policy for rule in rules)]
+    plans = reader.plans(raw_plans, users) if raw_plans is not None else {}
     if reader.problems:
         raise PolicyError(source, reader.problems)
-    return Policies(default, ip, tuple(rules))
+    return Policies(default, ip, tuple(rules), plans)
+
+
+def override(base: Policy, values: dict[str, Any], where: str = "override") -> Policy:
+    """`base` changed by one user's override (PLAN_KEYS); PolicyError naming each bad key."""
+    reader = _Reader(base.failure_mode)
+    policy = reader.adjust(where, base, values, base.plan, override=True)
+    if reader.problems:
+        raise PolicyError(where, reader.problems)
+    return policy
 
 
 def load_policies(path: Path, default_failure_mode: FailureMode = "local") -> Policies:

@@ -28,6 +28,7 @@ from gateway.app import create_app, redirects_to_https
 from gateway.edge.plane import DataPlane, Site
 from gateway.edge.routes import redirect_routes
 from gateway.keys import lifecycle_key, plane_key, routes_key
+from gateway.limiting.admin import admin_limits
 from gateway.limiting.policies import Policies
 from gateway.metrics import Metrics, create_admin_app
 from gateway.serving import pidfile
@@ -239,7 +240,9 @@ async def serve(
         started = True
         await gateway.listen(reuse_port=reuse_port)
         if admin:
-            admin_runner = web.AppRunner(create_admin_app(gateway.metrics), access_log=None)
+            admin_runner = web.AppRunner(
+                create_admin_app(gateway.metrics, admin_limits(settings)), access_log=None
+            )
             await admin_runner.setup()
             await web.TCPSite(
                 admin_runner, settings.gateway_admin_host, settings.gateway_admin_port

@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import multiprocess
 
+from gateway.limiting.admin import admin_limits
 from gateway.metrics import Metrics, create_admin_app
 from gateway.serving import pidfile
 from gateway.settings import GatewaySettings
@@ -84,9 +85,8 @@ class Supervisor:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.signal_all(signal.SIGHUP))
         settings = self.settings
-        runner = web.AppRunner(
-            create_admin_app(Metrics(multiprocess_dir=self.metrics_dir)), access_log=None
-        )
+        metrics = Metrics(multiprocess_dir=self.metrics_dir)
+        runner = web.AppRunner(create_admin_app(metrics, admin_limits(settings)), access_log=None)
         await runner.setup()
         try:
             await web.TCPSite(

@@ -289,14 +289,26 @@ async def test_decisions_are_counted_by_policy(
     registry = client.app[metrics_key].registry
     sample = registry.get_sample_value
     assert (
-        sample("gateway_ratelimit_decisions_total", {"policy": "default", "decision": "allowed"})
+        sample(
+            "gateway_ratelimit_decisions_total",
+            {"policy": "default", "decision": "allowed", "plan": "default"},
+        )
         == 3
     )
     assert (
-        sample("gateway_ratelimit_decisions_total", {"policy": "default", "decision": "limited"})
+        sample(
+            "gateway_ratelimit_decisions_total",
+            {"policy": "default", "decision": "limited", "plan": "default"},
+        )
         == 2
     )
-    assert sample("gateway_ratelimit_decisions_total", {"policy": "ip", "decision": "allowed"}) == 5
+    assert (
+        sample(
+            "gateway_ratelimit_decisions_total",
+            {"policy": "ip", "decision": "allowed", "plan": "default"},
+        )
+        == 5
+    )
     assert sample("gateway_ratelimit_fallback_active") == 0
     assert sample("gateway_ratelimit_redis_duration_seconds_count") >= 1
     skew = sample("gateway_ratelimit_redis_clock_skew_seconds")

@@ -157,15 +157,15 @@ async def test_redis_killed_mid_load_then_back_on_its_port(
     assert load.slowest < BOUND, load.slowest
     assert 503 not in load.statuses  # the open policy never turned anyone away
     assert gauge(client, "gateway_ratelimit_backend_errors_total") >= 1
-    fallback = {"policy": "default", "decision": "fallback_allowed"}
+    fallback = {"policy": "default", "decision": "fallback_allowed", "plan": "default"}
     assert gauge(client, "gateway_ratelimit_decisions_total", fallback) == 3
-    closed = {"policy": "chat", "decision": "closed_rejected"}
+    closed = {"policy": "chat", "decision": "closed_rejected", "plan": "default"}
     assert gauge(client, "gateway_ratelimit_decisions_total", closed) == 1
     # shared limits again: a fresh user gets the real burst from Redis
     who = user()
     statuses = [(await client.get("/echo", headers=who)).status for _ in range(4)]
     assert statuses == [200, 200, 200, 429]
-    allowed = {"policy": "default", "decision": "allowed"}
+    allowed = {"policy": "default", "decision": "allowed", "plan": "default"}
     assert gauge(client, "gateway_ratelimit_decisions_total", allowed) >= 4
 
 
