@@ -283,14 +283,6 @@ async def test_exhausted_pool_answers_503_with_retry_after(make_upstream: Upstre
     assert resp.status == 200
 
 
-async def test_statement_cache_off_for_pgbouncer(make_upstream: UpstreamFactory) -> None:
-    client = await make_upstream(db_statement_cache_size=0)
-    resp = await client.post(
-        "/v1/chat", json={"message": "no cache", "stream": False}, headers=user()
-    )
-    assert resp.status == 200
-
-
 async def test_health_and_unknown_routes(make_upstream: UpstreamFactory) -> None:
     client = await make_upstream()
     assert await (await client.get("/healthz")).json() == {"status": "ok"}
