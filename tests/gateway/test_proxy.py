@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 from typing import Any

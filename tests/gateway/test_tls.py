@@ -35,7 +35,7 @@ from gateway.settings import GatewaySettings
 from gateway.tls.acme import https_location
 from gateway.tls.certificates import CIPHERS, load_pair
 from pixelcraft.boot import error_lines
-from tests.conftest import service_env, wait_until
+from tests.conftest import service_env, sync_wait, wait_until
 from tests.gateway.conftest import FakeUpstream
 from tests.pebble import (
     ROOT,
@@ -47,7 +47,6 @@ from tests.pebble import (
     make_leaf,
     require_tool,
     serial_of_pem,
-    sync_wait,
     write_pair,
 )
 from tests.sse import events
