@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import time
 from typing import Any
 
@@ -16,6 +15,7 @@ import jwt
 import pytest
 from yarl import URL
 
+from devtools.services import free_port
 from gateway.keys import access_log_key
 from gateway.metrics import metrics_key
 from tests.conftest import wait_until
@@ -29,12 +29,6 @@ def headers_of(seen: dict[str, Any]) -> dict[str, list[str]]:
     for name, value in seen["headers"]:
         out.setdefault(name.lower(), []).append(value)
     return out
-
-
-def dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_request_passes_with_method_path_query_and_body(
@@ -175,7 +169,7 @@ async def test_client_disconnect_cancels_the_upstream_request(
 
 
 async def test_upstream_refusing_is_502(make_gateway: GatewayFactory) -> None:
-    client = await make_gateway(f"http://127.0.0.1:{dead_port()}")
+    client = await make_gateway(f"http://127.0.0.1:{free_port()}")
     resp = await client.get("/anything")
     assert resp.status == 502
     assert resp.headers["Content-Type"] == "application/problem+json"

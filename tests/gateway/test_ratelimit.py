@@ -7,7 +7,6 @@ import math
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,8 @@ from redis.asyncio import Redis
 
 from gateway.limiting.buckets import LocalBuckets, RedisBuckets, Take
 from gateway.metrics import metrics_key
-from tests.conftest import wait_until
-from tests.gateway.conftest import FakeUpstream, GatewayFactory, GatewayProcess
+from tests.conftest import GatewayStarter, wait_until
+from tests.gateway.conftest import FakeUpstream, GatewayFactory
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
@@ -322,7 +321,7 @@ async def test_rate_limiting_off_adds_nothing(
 
 
 async def test_two_gateways_share_one_users_limit_exactly(
-    gateway_process: Callable[..., Awaitable[GatewayProcess]],
+    gateway_process: GatewayStarter,
     upstream: FakeUpstream,
     tmp_path: Path,
 ) -> None:
@@ -364,7 +363,7 @@ async def test_two_gateways_share_one_users_limit_exactly(
 
 
 async def test_sighup_reloads_policies_and_a_bad_file_keeps_the_old_ones(
-    gateway_process: Callable[..., Awaitable[GatewayProcess]],
+    gateway_process: GatewayStarter,
     upstream: FakeUpstream,
     tmp_path: Path,
 ) -> None:

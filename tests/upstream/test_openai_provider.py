@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpRawServer
 
+from devtools.services import free_port
 from tests.fakes.openai_server import (
     FakeOpenAIServer,
     cut_after,
@@ -88,13 +88,6 @@ def assert_no_key(exc: BaseException | None) -> None:
         assert API_KEY not in str(exc) and API_KEY not in repr(exc)
         assert API_KEY[-8:] not in str(exc)
         exc = exc.__cause__ or exc.__context__
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def test_tokens_arrive_in_order_and_usage_is_the_servers(
@@ -280,7 +273,7 @@ async def test_silence_mid_stream_is_a_timeout(
 
 
 async def test_connection_refused_is_unavailable(make_provider: ProviderFactory) -> None:
-    base_url = f"http://127.0.0.1:{unused_port()}/v1"
+    base_url = f"http://127.0.0.1:{free_port()}/v1"
     exc = await failure(make_provider(base_url=base_url, max_retries=1))
     assert isinstance(exc, LLMUnavailable)
     assert "could not reach OpenAI" in str(exc) and "2 attempts" in str(exc)
