@@ -19,8 +19,8 @@ import pytest
 from devtools.services import free_port
 from tests.conftest import GatewayStarter, wait_until
 from tests.gateway.conftest import FakeUpstream
-from tests.pebble import ROOT, make_ca, make_leaf, require_tool, write_pair
-from tests.sse import events
+from tests.support.pebble import ROOT, make_ca, make_leaf, require_tool, write_pair
+from tests.support.sse import events
 
 CONFIG = ROOT / "nginx" / "pixelcraft.conf"
 CLIENT = "127.0.0.2"  # Linux routes all of 127/8 to lo: a client address that is not nginx's

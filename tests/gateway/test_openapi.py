@@ -22,7 +22,7 @@ from gateway.limiting.policies import parse_policies
 from gateway.openapi import merge, ratelimit_of
 from tests.conftest import GatewayStarter
 from tests.gateway.conftest import FakeUpstream, GatewayFactory
-from tests.gateway.test_ratelimit import parse_list, policy_file, user
+from tests.gateway.limiting.test_ratelimit import parse_list, policy_file, user
 from upstream.app import create_app as create_upstream
 from upstream.settings import UpstreamSettings
 

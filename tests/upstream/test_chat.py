@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 
 from tests.conftest import wait_until
-from tests.sse import collect, events
+from tests.support.sse import collect, events
 from tests.upstream.conftest import ScriptedProvider, UpstreamFactory
 from upstream.errors import LLMTimeout, LLMUnavailable
 from upstream.keys import pool_key

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.sse import collect
+from tests.support.sse import collect
 from tests.upstream.conftest import UpstreamFactory
 from upstream.keys import pool_key
 

@@ -11,7 +11,7 @@ from gateway.limiting.limiter import Limiter
 from gateway.limiting.policies import PolicyError, load_policies, normalize_path, parse_policies
 from gateway.metrics import Metrics
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 GOOD = """
 [default]

@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 from devtools.services import free_port
 from tests.conftest import sync_wait
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 APT_HINT = "apt-get install -y {pkg} (CI installs it through .ci/run)"
 
 

@@ -17,9 +17,9 @@ from gateway.limiting.usage import UsageWatcher, event_tokens
 from gateway.metrics import metrics_key
 from tests.conftest import GatewayStarter, wait_until
 from tests.gateway.conftest import FakeUpstream, GatewayFactory
-from tests.gateway.test_ratelimit import parse_list, policy_file, user
-from tests.sse import events
+from tests.gateway.limiting.test_ratelimit import parse_list, policy_file, user
 from tests.support.processes import Service
+from tests.support.sse import events
 
 BUDGET = """
 [default]

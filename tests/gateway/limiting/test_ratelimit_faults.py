@@ -20,7 +20,7 @@ from gateway.metrics import metrics_key
 from pixelcraft.boot import DependencyUnavailable
 from tests.conftest import wait_until
 from tests.gateway.conftest import FakeUpstream, GatewayFactory
-from tests.gateway.test_ratelimit import parse_list, policy_file, user
+from tests.gateway.limiting.test_ratelimit import parse_list, policy_file, user
 
 DEADLINE_MS = 50
 # A request must never wait on a failing Redis much past the deadline; without one it would

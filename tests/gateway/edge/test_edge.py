@@ -20,8 +20,8 @@ from gateway.edge.wire import printable
 from gateway.keys import access_log_key, plane_key
 from tests.conftest import wait_until
 from tests.gateway.conftest import FakeUpstream, GatewayFactory
-from tests.gateway.rawhttp import RawResponse, connect, read_response, send
-from tests.gateway.test_ratelimit import policy_file
+from tests.gateway.edge.rawhttp import RawResponse, connect, read_response, send
+from tests.gateway.limiting.test_ratelimit import policy_file
 
 HOST = b"Host: chat.example.com\r\n"
 

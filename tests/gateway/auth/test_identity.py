@@ -21,7 +21,7 @@ from gateway.metrics import Metrics, metrics_key
 from gateway.serving.server import identity_warning
 from gateway.settings import GatewaySettings
 from tests.gateway.conftest import FakeUpstream, GatewayFactory
-from tests.gateway.test_ratelimit import policy_file
+from tests.gateway.limiting.test_ratelimit import policy_file
 
 JWT_SECRET = "s" * 40
 

@@ -36,7 +36,7 @@ from gateway.tls.certificates import CIPHERS, load_pair
 from pixelcraft.boot import error_lines
 from tests.conftest import GatewayStarter, service_env, wait_until
 from tests.gateway.conftest import FakeUpstream
-from tests.pebble import (
+from tests.support.pebble import (
     ROOT,
     Issued,
     Pebble,
@@ -48,8 +48,8 @@ from tests.pebble import (
     serial_of_pem,
     write_pair,
 )
-from tests.sse import events
 from tests.support.processes import Launcher, Service
+from tests.support.sse import events
 
 DOMAIN = "gateway.pixelcraft.test"
 SCRIPTS = ROOT / "scripts"
