@@ -449,7 +449,7 @@ def used_names() -> Iterator[tuple[str, str]]:
 
 
 async def test_every_metric_the_rules_name_is_exported(exported: Families) -> None:
-    missing = {}
+    missing: dict[str, str] = {}
     for where, name in used_names():
         if name in SYNTHETIC or name in exported:
             continue

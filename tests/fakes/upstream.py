@@ -23,7 +23,7 @@ class UpstreamState:
     requests: list[dict[str, object]] = field(default_factory=list)
     seen: list[tuple[str, str]] = field(default_factory=list)  # (method, raw path) proxied
     sent: int = 0  # bytes /source has written so far
-    events: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[object] = field(default_factory=asyncio.Queue)  # None ends /sse
     written: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -120,7 +120,8 @@ async def reset_mid_body(request: web.Request) -> web.StreamResponse:
         if transport.get_write_buffer_size():
             return False
         unsent = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
-        return struct.unpack("i", unsent)[0] == 0
+        queued: int = struct.unpack("i", unsent)[0]
+        return queued == 0
 
     await wait_until(delivered, within=5, interval=0.001)
     transport.abort()

@@ -243,6 +243,7 @@ class Links(HTMLParser):
 async def test_docs_work_offline(
     service: str, make_gateway: GatewayFactory, chat_service: str, aiohttp_client: Any
 ) -> None:
+    client: TestClient[Any, Any] | aiohttp.ClientSession
     if service == "gateway":
         client = await make_gateway(chat_service)
         base = ""

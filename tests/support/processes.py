@@ -38,11 +38,11 @@ class Service:
 
     module: str
     proc: asyncio.subprocess.Process
-    http_port: int
-    https_port: int | None
-    admin_port: int | None
     output: list[str]
     reader: asyncio.Future[None]
+    http_port: int
+    https_port: int = 0  # 0: none (the chat service has only one)
+    admin_port: int = 0
 
     @property
     def url(self) -> str:
@@ -93,8 +93,8 @@ class Launcher:
         env: dict[str, Any],
         *,
         http_port: int,
-        https_port: int | None = None,
-        admin_port: int | None = None,
+        https_port: int = 0,
+        admin_port: int = 0,
         ready: Sequence[str] = (),
         within: float = 30,
     ) -> Service:
@@ -117,15 +117,8 @@ class Launcher:
             async for line in proc.stdout:
                 output.append(line.decode(errors="replace").rstrip())
 
-        service = Service(
-            module,
-            proc,
-            http_port,
-            https_port,
-            admin_port,
-            output,
-            asyncio.ensure_future(collect()),
-        )
+        reader = asyncio.ensure_future(collect())
+        service = Service(module, proc, output, reader, http_port, https_port, admin_port)
         self.started.append(service)
         urls = [
             f"{service.admin_url}{where[6:]}" if where.startswith("admin:") else service.url + where

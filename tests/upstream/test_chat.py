@@ -271,7 +271,7 @@ async def test_exhausted_pool_answers_503_with_retry_after(make_upstream: Upstre
     client = await make_upstream(
         db_pool_min_size=1, db_pool_max_size=1, db_pool_acquire_timeout=0.2
     )
-    pool = client.server.app[pool_key]
+    pool = client.app[pool_key]
     async with pool.acquire():  # the only connection is busy
         resp = await client.get("/v1/conversations", headers=user())
         assert resp.status == 503

@@ -38,7 +38,7 @@ async def test_pool_gauges_follow_the_pool(make_upstream: UpstreamFactory) -> No
     assert open_now >= 1
     assert value(samples, "upstream_db_pool_connections_idle") == open_now
 
-    pool = client.server.app[pool_key]
+    pool = client.app[pool_key]
     async with pool.acquire(), pool.acquire():
         samples = await scrape(client)
         assert value(samples, "upstream_db_pool_connections_in_use") == 2

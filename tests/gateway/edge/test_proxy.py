@@ -176,7 +176,7 @@ async def test_upstream_refusing_is_502(make_gateway: GatewayFactory) -> None:
     problem = await resp.json()
     assert problem["title"] == "Bad Gateway"
     assert problem["request_id"] == resp.headers["X-Request-Id"]
-    metrics = client.server.app[metrics_key]
+    metrics = client.app[metrics_key]
     assert metrics.upstream_errors.labels("connect")._value.get() == 1
 
 
@@ -357,7 +357,7 @@ async def test_metrics_count_by_route_template(
     for ident in ids:
         await (await client.get(f"/echo/items/{ident}")).read()
     await (await client.get("/healthz")).read()
-    text, _ = client.server.app[metrics_key].render()
+    text, _ = client.app[metrics_key].render()
     exposition = text.decode()
     assert (
         'gateway_http_requests_total{method="GET",route="/echo/items/{id}",status="200"} 3.0'
@@ -376,7 +376,7 @@ async def test_access_log_line_per_response(
     resp = await client.get("/echo/x?token=secret-in-query", headers={"X-User-Id": "alice"})
     await resp.read()
     resp = await client.get("/echo", headers={"X-User-Id": "bad id"})
-    client.server.app[access_log_key].flush()
+    client.app[access_log_key].flush()
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
     access = [line for line in lines if line.get("logger") == "gateway.access"]
     assert [(a["method"], a["path"], a["status"], a["identity"]) for a in access] == [

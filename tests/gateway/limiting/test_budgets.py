@@ -195,8 +195,9 @@ async def test_two_gateways_share_one_users_budget(
             assert status == 200 and used is not None
             assert settled <= 999
             settled += used
+            goal = before + used - 1
 
-            async def applied(gateway: Service = gateway, goal: float = before + used - 1) -> bool:
+            async def applied(gateway: Service = gateway, goal: float = goal) -> bool:
                 return await debited(gateway) >= goal
 
             await wait_until(applied, within=5)  # settled in Redis before the other asks
@@ -285,6 +286,6 @@ async def test_events_still_flow_one_by_one_while_usage_is_watched(
         debited = registry.get_sample_value(
             "gateway_ratelimit_tokens_total", {"policy": "streams-tokens", "kind": "debited"}
         )
-        return debited == 42 - 5
+        return bool(debited == 42 - 5)
 
     await wait_until(settled, within=5)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import http_sfv
+import http_sfv.list
 import pytest
 from redis.asyncio import Redis
 
@@ -56,7 +56,7 @@ def policy_file(
 
 def parse_list(value: str) -> dict[str, dict[str, Any]]:
     """A structured-field List (RFC 8941) as {member: params}; fails on any syntax error."""
-    parsed = http_sfv.List()
+    parsed = http_sfv.list.List()
     parsed.parse(value.encode())
     return {item.value: dict(item.params) for item in parsed}
 

@@ -126,7 +126,8 @@ def issued(
     """scripts/cert-issue against pebble, its http-01 challenge served by a gateway without TLS
     (how the first certificate is obtained)."""
     webroot = tmp_path_factory.mktemp("acme-webroot")
-    argv = [SCRIPTS / "cert-issue", "-d", DOMAIN, "-w", webroot, "--server", pebble.directory]
+    argv = [str(SCRIPTS / "cert-issue"), "-d", DOMAIN, "-w", str(webroot)]
+    argv += ["--server", pebble.directory]
     certbot_env = pebble.certbot_env(GATEWAY_PID_FILE=str(webroot / "absent.pid"), **HOOK_ISOLATION)
 
     async def issue() -> tuple[subprocess.CompletedProcess[str], str]:
@@ -140,12 +141,13 @@ def issued(
                 GATEWAY_ACME_WEBROOT=webroot,
             )
             result = await asyncio.to_thread(
-                subprocess.run,
-                [*argv, "--", *pebble.certbot_options()],
-                env=certbot_env,
-                capture_output=True,
-                text=True,
-                timeout=90,
+                lambda: subprocess.run(
+                    [*argv, "--", *pebble.certbot_options()],
+                    env=certbot_env,
+                    capture_output=True,
+                    text=True,
+                    timeout=90,
+                )
             )
             await gateway.stop(within=15)
             await gateway.reader
