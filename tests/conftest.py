@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -19,6 +20,9 @@ import pytest
 import redis
 
 from devtools import services as devservices
+
+if TYPE_CHECKING:
+    from tests.support.processes import Launcher, Service
 
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
@@ -106,6 +110,13 @@ def key_prefix(redis_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def bucket_prefix(key_prefix: str) -> str:
+    """A Redis key prefix of this test's own: buckets (the per-address ceiling above all,
+    every test comes from 127.0.0.1) never carry over from one test to the next."""
+    return f"{key_prefix}{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
     """No contract variable in the environment and no .env in the working directory."""
     for name in list(os.environ):
@@ -143,6 +154,18 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
+def sync_wait(predicate: Callable[[], Any], within: float, what: str) -> Any:
+    """wait_until for synchronous fixtures: poll with a deadline."""
+    deadline = time.monotonic() + within
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {within} s")
+        time.sleep(0.05)
+
+
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A direct connection to the run's database, for assertions."""
@@ -159,3 +182,30 @@ async def fake_openai(aiohttp_server: Any) -> Any:
     state = FakeOpenAI()
     server = await aiohttp_server(create_fake_openai(state))
     return FakeOpenAIServer(base_url=str(server.make_url("/v1")), state=state)
+
+
+@pytest.fixture
+async def launcher(tmp_path: Path) -> AsyncIterator[Launcher]:
+    """Service processes for this test (tests/support/processes.py), killed at its end."""
+    from tests.support.processes import Launcher
+
+    workdir = tmp_path / "processes"
+    workdir.mkdir()
+    async with Launcher(workdir) as launcher:
+        yield launcher
+
+
+GatewayStarter = Callable[..., Awaitable["Service"]]
+
+
+@pytest.fixture
+def gateway_process(launcher: Launcher, redis_url: str, bucket_prefix: str) -> GatewayStarter:
+    """`await gateway_process(upstream_url, **GATEWAY_env)`: `python -m gateway` on this run's
+    Redis and this test's key prefix (Launcher.gateway has the options)."""
+
+    async def start(upstream_url: str, **options: Any) -> Service:
+        return await launcher.gateway(
+            redis_url=redis_url, upstream_url=upstream_url, key_prefix=bucket_prefix, **options
+        )
+
+    return start

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
-import socket
 import subprocess
 import sys
 from typing import Any
 
 import aiohttp
 
-from tests.conftest import service_env, wait_until
-
-
-def dead_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from devtools.services import free_port
+from tests.conftest import service_env
+from tests.support.processes import Launcher
 
 
 def run(module: str, *args: str, **env: Any) -> subprocess.CompletedProcess[str]:
@@ -33,7 +25,7 @@ def run(module: str, *args: str, **env: Any) -> subprocess.CompletedProcess[str]
 
 
 def test_upstream_bad_config_exits_78_listing_every_problem(tmp_path: Any) -> None:
-    port = dead_port()
+    port = free_port()
     done = run(
         "upstream",
         DATABASE_URL="mysql://root:db-password@127.0.0.1/app",
@@ -98,7 +90,7 @@ def test_bad_policy_file_exits_78_naming_every_bad_key(tmp_path: Any) -> None:
             *args,
             REDIS_URL="redis://127.0.0.1:6379",
             GATEWAY_UPSTREAM_URL="http://127.0.0.1:8000",
-            GATEWAY_HTTP_PORT=str(dead_port()),
+            GATEWAY_HTTP_PORT=str(free_port()),
             GATEWAY_RATELIMIT_CONFIG=str(path),
         )
         assert done.returncode == 78, done.stderr
@@ -116,12 +108,12 @@ def test_help_describes_the_service() -> None:
 
 
 def test_unreachable_redis_exits_69_naming_it() -> None:
-    port = dead_port()
+    port = free_port()
     done = run(
         "gateway",
         REDIS_URL=f"redis://:redis-password@127.0.0.1:{port}/0",
         GATEWAY_UPSTREAM_URL="http://127.0.0.1:8000",
-        GATEWAY_HTTP_PORT=str(dead_port()),
+        GATEWAY_HTTP_PORT=str(free_port()),
         GATEWAY_STARTUP_RETRY_SECONDS="0.5",
     )
     assert done.returncode == 69, done.stderr
@@ -130,12 +122,12 @@ def test_unreachable_redis_exits_69_naming_it() -> None:
 
 
 def test_unreachable_postgres_exits_69_naming_it() -> None:
-    port = dead_port()
+    port = free_port()
     done = run(
         "upstream",
         DATABASE_URL=f"postgresql://app:db-password@127.0.0.1:{port}/app",
         UPSTREAM_LLM_PROVIDER="local",
-        UPSTREAM_PORT=str(dead_port()),
+        UPSTREAM_PORT=str(free_port()),
         UPSTREAM_STARTUP_RETRY_SECONDS="0.5",
     )
     assert done.returncode == 69, done.stderr
@@ -143,71 +135,22 @@ def test_unreachable_postgres_exits_69_naming_it() -> None:
     assert "db-password" not in done.stderr
 
 
-async def serve_until_healthy(module: str, port: int, **env: Any) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        module,
-        env=service_env(**env),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-
-    async def healthy() -> bool:
-        if proc.returncode is not None:
-            output = await proc.stdout.read() if proc.stdout else b""
-            raise AssertionError(f"{module} exited {proc.returncode}: {output.decode()}")
-        try:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(f"http://127.0.0.1:{port}/healthz") as resp,
-            ):
-                return resp.status == 200
-        except aiohttp.ClientConnectionError:
-            return False
-
-    await wait_until(healthy, within=30)
-    return proc
-
-
-async def stop(proc: asyncio.subprocess.Process) -> int:
-    proc.send_signal(signal.SIGTERM)
-    code = await asyncio.wait_for(proc.wait(), timeout=30)
-    if proc.stdout:
-        await proc.stdout.read()
-    return code
-
-
 async def test_both_services_start_serve_and_stop_on_sigterm(
-    database_url: str, redis_url: str
+    launcher: Launcher, database_url: str, redis_url: str, key_prefix: str
 ) -> None:
-    up_port, gw_port = dead_port(), dead_port()
-    upstream = await serve_until_healthy(
-        "upstream",
-        up_port,
-        DATABASE_URL=database_url,
-        UPSTREAM_LLM_PROVIDER="local",
-        UPSTREAM_PORT=str(up_port),
+    upstream = await launcher.upstream(database_url=database_url)
+    gateway = await launcher.gateway(
+        redis_url=redis_url, upstream_url=upstream.url, key_prefix=f"{key_prefix}cli:"
     )
-    gateway = await serve_until_healthy(
-        "gateway",
-        gw_port,
-        REDIS_URL=redis_url,
-        GATEWAY_UPSTREAM_URL=f"http://127.0.0.1:{up_port}",
-        GATEWAY_HOST="127.0.0.1",
-        GATEWAY_HTTP_PORT=str(gw_port),
-    )
-    try:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                f"http://127.0.0.1:{up_port}/v1/chat",
-                json={"message": "hello from a process"},
-                headers={"X-User-Id": "cli-test"},
-            ) as resp,
-        ):
-            body = await resp.text()
-            assert resp.status == 200 and "event: done" in body
-    finally:
-        assert await stop(gateway) == 0
-        assert await stop(upstream) == 0
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{gateway.url}/v1/chat",
+            json={"message": "hello from a process"},
+            headers={"X-User-Id": "cli-test"},
+        ) as resp,
+    ):
+        body = await resp.text()
+        assert resp.status == 200 and "event: done" in body
+    assert await gateway.stop() == 0
+    assert await upstream.stop() == 0

@@ -11,12 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import service_env
+from tests.conftest import service_env, sync_wait
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADTEST = ROOT / "scripts" / "loadtest"
@@ -108,7 +107,8 @@ def alive(pid: int) -> bool:
 def test_ctrl_c_stops_everything_it_started(tmp_path: Path, stack_env: dict[str, str]) -> None:
     log = tmp_path / "stderr.log"
     with log.open("wb") as err:
-        argv = [str(LOADTEST), "--users", "5", "--duration", "60", "--out", str(tmp_path / "out")]
+        argv = [str(LOADTEST), "--users", "5", "--duration", "60", "--warmup", "0"]
+        argv += ["--out", str(tmp_path / "out")]
         proc = subprocess.Popen(
             [sys.executable, *argv],
             env=stack_env,
@@ -117,12 +117,15 @@ def test_ctrl_c_stops_everything_it_started(tmp_path: Path, stack_env: dict[str,
             stderr=err,
         )
     try:
-        deadline = time.monotonic() + 60
-        while b"run: 5 users" not in log.read_bytes():
+        # Locust is up and loading once every user is spawned: the locustfile then writes its
+        # "measuring" mark (at once, with --warmup 0).
+        measuring = tmp_path / "out" / "users-5.json.measuring"
+
+        def loading() -> bool:
             assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        time.sleep(1)  # locust is up and loading
+            return measuring.exists()
+
+        sync_wait(loading, 60, "locust loading the stack")
         children = descendants(proc.pid)
         assert len(children) >= 3  # upstream, gateway, locust
         proc.send_signal(signal.SIGINT)

@@ -5,11 +5,9 @@ gateway (with TLS, as a process) and a real chat service."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,9 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
-from devtools.services import free_port
 from gateway.settings import GatewaySettings
-from tests.conftest import service_env, wait_until
+from tests.conftest import GatewayStarter
 from upstream.app import create_app as create_upstream
 from upstream.settings import UpstreamSettings
 
@@ -400,7 +397,7 @@ def families(text: str) -> Families:
 
 @pytest.fixture
 async def exported(
-    aiohttp_client: Any, database_url: str, redis_url: str, key_prefix: str, tmp_path: Path
+    aiohttp_client: Any, database_url: str, gateway_process: GatewayStarter, tmp_path: Path
 ) -> AsyncIterator[Families]:
     """The metrics of a real chat service, and of a real gateway (a process, with TLS when its
     code is there) in front of it after a streamed chat, a listing and a 404."""
@@ -413,64 +410,31 @@ async def exported(
         db_pool_max_size=3,
     )
     upstream = await aiohttp_client(create_upstream(settings))
-    http_port, https_port, admin_port = free_port(), free_port(), free_port()
     env = {
-        "REDIS_URL": redis_url,
-        "GATEWAY_UPSTREAM_URL": str(upstream.make_url("")).rstrip("/"),
-        "GATEWAY_REDIS_KEY_PREFIX": f"{key_prefix}{uuid.uuid4().hex[:8]}:",
-        "GATEWAY_RATELIMIT_CONFIG": str(ROOT / "config" / "ratelimits.toml"),
-        "GATEWAY_HOST": "127.0.0.1",
-        "GATEWAY_HTTP_PORT": str(http_port),
-        "GATEWAY_HTTPS_PORT": str(https_port),
-        "GATEWAY_ADMIN_PORT": str(admin_port),
+        "GATEWAY_RATELIMIT_CONFIG": ROOT / "config" / "ratelimits.toml",
+        "GATEWAY_USER_ID_HEADER": "trusted",  # the production default
         "GATEWAY_DRAIN_SECONDS": "1",
     }
-    base = f"http://127.0.0.1:{http_port}"
     if tls_available():
         cert_file, key_file = self_signed(tmp_path)
-        env |= {"GATEWAY_TLS_CERT_FILE": str(cert_file), "GATEWAY_TLS_KEY_FILE": str(key_file)}
-        base = f"https://127.0.0.1:{https_port}"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        env=service_env(**env),
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output = asyncio.ensure_future(proc.stdout.read() if proc.stdout else asyncio.sleep(0))
-    admin = f"http://127.0.0.1:{admin_port}/metrics"
-    try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as session:
-
-            async def ready() -> bool:
-                if proc.returncode is not None:
-                    raise AssertionError(f"gateway exited {proc.returncode}: {await output!r}")
-                try:
-                    async with session.get(admin) as resp:
-                        return resp.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await wait_until(ready, within=30)
-            user = {"X-User-Id": f"metrics-{uuid.uuid4().hex[:8]}"}
-            async with session.post(f"{base}/v1/chat", json={"message": "hi"}, headers=user) as r:
-                assert r.status == 200
-                await r.read()
-            async with session.get(f"{base}/v1/conversations", headers=user) as r:
-                assert r.status == 200
-            async with session.get(f"{base}/metrics", headers=user) as r:
-                assert r.status == 404  # the chat service's /metrics is not public
-            async with session.get(admin) as r:
-                gateway_text = await r.text()
-        upstream_text = await (await upstream.get("/metrics")).text()
-        yield {**families(upstream_text), **families(gateway_text)}
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await asyncio.wait_for(proc.wait(), 30)
-        await output
+        env |= {"GATEWAY_TLS_CERT_FILE": cert_file, "GATEWAY_TLS_KEY_FILE": key_file}
+    gateway = await gateway_process(str(upstream.make_url("")).rstrip("/"), **env)
+    base = gateway.https if tls_available() else gateway.url
+    admin = f"{gateway.admin_url}/metrics"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as session:
+        user = {"X-User-Id": f"metrics-{uuid.uuid4().hex[:8]}"}
+        async with session.post(f"{base}/v1/chat", json={"message": "hi"}, headers=user) as r:
+            assert r.status == 200
+            await r.read()
+        async with session.get(f"{base}/v1/conversations", headers=user) as r:
+            assert r.status == 200
+        async with session.get(f"{base}/metrics", headers=user) as r:
+            assert r.status == 404  # the chat service's /metrics is not public
+        async with session.get(admin) as r:
+            gateway_text = await r.text()
+    upstream_text = await (await upstream.get("/metrics")).text()
+    yield {**families(upstream_text), **families(gateway_text)}
+    assert await gateway.stop() == 0
 
 
 def used_names() -> Iterator[tuple[str, str]]:
@@ -485,7 +449,7 @@ def used_names() -> Iterator[tuple[str, str]]:
 
 
 async def test_every_metric_the_rules_name_is_exported(exported: Families) -> None:
-    missing = {}
+    missing: dict[str, str] = {}
     for where, name in used_names():
         if name in SYNTHETIC or name in exported:
             continue

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
+import struct
+import termios
 from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
 from aiohttp.typedefs import Handler
+
+from tests.conftest import wait_until
 
 
 @dataclass
@@ -18,7 +23,7 @@ class UpstreamState:
     requests: list[dict[str, object]] = field(default_factory=list)
     seen: list[tuple[str, str]] = field(default_factory=list)  # (method, raw path) proxied
     sent: int = 0  # bytes /source has written so far
-    events: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[object] = field(default_factory=asyncio.Queue)  # None ends /sse
     written: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -105,9 +110,21 @@ async def reset_mid_body(request: web.Request) -> web.StreamResponse:
         response.content_length = int(request.query.get("size", 1 << 20))
     await response.prepare(request)
     await response.write(b"y" * 100)
-    await asyncio.sleep(0.05)
-    assert request.transport is not None
-    request.transport.abort()
+    transport = request.transport
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+
+    def delivered() -> bool:
+        """All written so far is in the gateway's hands: nothing left in the transport's
+        buffer, nothing unacknowledged in the kernel's send queue (SIOCOUTQ)."""
+        if transport.get_write_buffer_size():
+            return False
+        unsent = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+        queued: int = struct.unpack("i", unsent)[0]
+        return queued == 0
+
+    await wait_until(delivered, within=5, interval=0.001)
+    transport.abort()
     return response
 
 

@@ -1,17 +1,14 @@
-"""Fixtures for gateway tests: a scriptable upstream, gateways in-process and as processes."""
+"""Fixtures for gateway tests: a scriptable upstream, the chat service, gateways in-process
+(gateways as processes: `gateway_process` in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
-import sys
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
@@ -19,7 +16,6 @@ from yarl import URL
 
 from gateway.serving.server import Gateway
 from gateway.settings import GatewaySettings
-from tests.conftest import service_env, wait_until
 from tests.fakes.upstream import UpstreamState, create_fake_upstream
 from upstream.app import create_app as create_upstream
 from upstream.settings import UpstreamSettings
@@ -37,13 +33,6 @@ async def upstream(aiohttp_server: Any) -> FakeUpstream:
     state = UpstreamState()
     server = await aiohttp_server(create_fake_upstream(state))
     return FakeUpstream(str(server.make_url("")).rstrip("/"), state, server)
-
-
-@pytest.fixture
-def bucket_prefix(key_prefix: str) -> str:
-    """A Redis key prefix of this test's own: buckets (the per-address ceiling above all,
-    every test comes from 127.0.0.1) never carry over from one test to the next."""
-    return f"{key_prefix}{uuid.uuid4().hex[:8]}:"
 
 
 @pytest.fixture
@@ -129,91 +118,3 @@ def make_gateway(
         return client
 
     return start
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class GatewayProcess:
-    """`python -m gateway` running as its own process."""
-
-    proc: asyncio.subprocess.Process
-    url: str
-    admin_url: str
-    output: list[str]
-    reader: asyncio.Future[None]
-
-    async def stop(self, sig: int = signal.SIGTERM, within: float = 30) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-        return await asyncio.wait_for(self.proc.wait(), within)
-
-
-@pytest.fixture
-async def gateway_process(
-    redis_url: str, bucket_prefix: str
-) -> AsyncIterator[Callable[..., Awaitable[GatewayProcess]]]:
-    started: list[GatewayProcess] = []
-
-    async def start(upstream_url: str, **env: Any) -> GatewayProcess:
-        port, admin = free_port(), free_port()
-        variables = {
-            "REDIS_URL": redis_url,
-            "GATEWAY_UPSTREAM_URL": upstream_url,
-            "GATEWAY_REDIS_KEY_PREFIX": bucket_prefix,
-            "GATEWAY_USER_ID_HEADER": "any",  # users named in X-User-Id, as in development
-            "GATEWAY_HOST": "127.0.0.1",
-            "GATEWAY_HTTP_PORT": port,
-            "GATEWAY_ADMIN_PORT": admin,
-            **env,
-        }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            env=service_env(**variables),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        output: list[str] = []
-
-        async def collect() -> None:
-            assert proc.stdout is not None
-            async for line in proc.stdout:
-                output.append(line.decode(errors="replace").rstrip())
-
-        gateway = GatewayProcess(
-            proc,
-            f"http://127.0.0.1:{port}",
-            f"http://127.0.0.1:{admin}",
-            output,
-            asyncio.ensure_future(collect()),
-        )
-        started.append(gateway)
-
-        async def healthy() -> bool:
-            if proc.returncode is not None:
-                raise AssertionError(f"gateway exited {proc.returncode}: " + "\n".join(output))
-            try:
-                async with aiohttp.ClientSession() as session:
-                    async with session.get(f"{gateway.url}/healthz") as resp:
-                        return resp.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await wait_until(healthy, within=30)
-        return gateway
-
-    yield start
-    for gateway in started:
-        if gateway.proc.returncode is None:
-            gateway.proc.kill()
-            await gateway.proc.wait()
-        try:  # a leftover child holding the pipe must not hang the suite
-            await asyncio.wait_for(gateway.reader, 10)
-        except TimeoutError:
-            gateway.reader.cancel()

@@ -8,7 +8,7 @@ import asyncio
 import os
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +17,10 @@ import aiohttp
 import pytest
 
 from devtools.services import free_port
-from tests.conftest import wait_until
-from tests.gateway.conftest import FakeUpstream, GatewayProcess
-from tests.pebble import ROOT, make_ca, make_leaf, require_tool, write_pair
-from tests.sse import events
+from tests.conftest import GatewayStarter, wait_until
+from tests.gateway.conftest import FakeUpstream
+from tests.support.pebble import ROOT, make_ca, make_leaf, require_tool, write_pair
+from tests.support.sse import events
 
 CONFIG = ROOT / "nginx" / "pixelcraft.conf"
 CLIENT = "127.0.0.2"  # Linux routes all of 127/8 to lo: a client address that is not nginx's
@@ -138,7 +138,7 @@ def test_nginx_accepts_the_config(nginx: Nginx) -> None:
 async def test_through_nginx_client_address_and_streaming(
     nginx: Nginx,
     running: Callable[[], subprocess.Popen[bytes]],
-    gateway_process: Callable[..., Awaitable[GatewayProcess]],
+    gateway_process: GatewayStarter,
     upstream: FakeUpstream,
 ) -> None:
     gateway = await gateway_process(

@@ -7,7 +7,6 @@ import logging
 import re
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,9 @@ from openapi_spec_validator import validate
 from gateway.keys import lifecycle_key
 from gateway.limiting.policies import parse_policies
 from gateway.openapi import merge, ratelimit_of
-from tests.gateway.conftest import FakeUpstream, GatewayFactory, GatewayProcess
-from tests.gateway.test_ratelimit import parse_list, policy_file, user
+from tests.conftest import GatewayStarter
+from tests.gateway.conftest import FakeUpstream, GatewayFactory
+from tests.gateway.limiting.test_ratelimit import parse_list, policy_file, user
 from upstream.app import create_app as create_upstream
 from upstream.settings import UpstreamSettings
 
@@ -243,6 +243,7 @@ class Links(HTMLParser):
 async def test_docs_work_offline(
     service: str, make_gateway: GatewayFactory, chat_service: str, aiohttp_client: Any
 ) -> None:
+    client: TestClient[Any, Any] | aiohttp.ClientSession
     if service == "gateway":
         client = await make_gateway(chat_service)
         base = ""
@@ -274,7 +275,7 @@ async def test_docs_work_offline(
 
 
 async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
-    gateway_process: Callable[..., Awaitable[GatewayProcess]],
+    gateway_process: GatewayStarter,
     chat_service: str,
     tmp_path: Path,
 ) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.sse import collect
+from tests.support.sse import collect
 from tests.upstream.conftest import UpstreamFactory
 from upstream.keys import pool_key
 
@@ -38,7 +38,7 @@ async def test_pool_gauges_follow_the_pool(make_upstream: UpstreamFactory) -> No
     assert open_now >= 1
     assert value(samples, "upstream_db_pool_connections_idle") == open_now
 
-    pool = client.server.app[pool_key]
+    pool = client.app[pool_key]
     async with pool.acquire(), pool.acquire():
         samples = await scrape(client)
         assert value(samples, "upstream_db_pool_connections_in_use") == 2

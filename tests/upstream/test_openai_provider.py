@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpRawServer
 
+from devtools.services import free_port
 from tests.fakes.openai_server import (
     FakeOpenAIServer,
     cut_after,
@@ -88,13 +88,6 @@ def assert_no_key(exc: BaseException | None) -> None:
         assert API_KEY not in str(exc) and API_KEY not in repr(exc)
         assert API_KEY[-8:] not in str(exc)
         exc = exc.__cause__ or exc.__context__
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def test_tokens_arrive_in_order_and_usage_is_the_servers(
@@ -280,7 +273,7 @@ async def test_silence_mid_stream_is_a_timeout(
 
 
 async def test_connection_refused_is_unavailable(make_provider: ProviderFactory) -> None:
-    base_url = f"http://127.0.0.1:{unused_port()}/v1"
+    base_url = f"http://127.0.0.1:{free_port()}/v1"
     exc = await failure(make_provider(base_url=base_url, max_retries=1))
     assert isinstance(exc, LLMUnavailable)
     assert "could not reach OpenAI" in str(exc) and "2 attempts" in str(exc)
@@ -364,48 +357,16 @@ async def test_clean_end_of_body_without_done_is_unavailable(
     assert isinstance(exc, LLMUnavailable) and "before [DONE]" in str(exc)
 
 
-async def test_fake_streams_openais_wire_format(fake_openai: FakeOpenAIServer) -> None:
-    body = {
-        "model": "gpt-4o-mini",
-        "messages": [{"role": "user", "content": "hi"}],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    fake_openai.state.push(reply(["Hi", "!"]))
-    async with (
-        aiohttp.ClientSession() as client,
-        client.post(f"{fake_openai.base_url}/chat/completions", json=body) as resp,
-    ):
-        assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
-        raw = (await resp.read()).decode()
-    assert raw.endswith("\n\ndata: [DONE]\n\n")
-    events = raw.split("\n\n")[:-1]
-    assert all(event.startswith("data: ") and "\n" not in event for event in events)
-    chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-1]]
-    fields = ["id", "object", "created", "model", "service_tier", "system_fingerprint", "choices"]
-    assert [list(c)[:8] for c in chunks] == [[*fields, "usage"]] * 5
-    assert len({(c["id"], c["created"], c["system_fingerprint"]) for c in chunks}) == 1
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
-    assert [c["choices"][0]["delta"] for c in chunks[1:3]] == [{"content": "Hi"}, {"content": "!"}]
-    assert chunks[3]["choices"][0] == {
-        "index": 0,
-        "delta": {},
-        "logprobs": None,
-        "finish_reason": "stop",
-    }
-    assert all(c["usage"] is None for c in chunks[:4])
-    assert chunks[4]["choices"] == []
-    assert chunks[4]["usage"]["total_tokens"] == chunks[4]["usage"]["prompt_tokens"] + 2
-
-
-async def test_fake_answers_without_stream(fake_openai: FakeOpenAIServer) -> None:
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-    fake_openai.state.push(reply(["Hi", "!"]))
-    async with (
-        aiohttp.ClientSession() as client,
-        client.post(f"{fake_openai.base_url}/chat/completions", json=body) as resp,
-    ):
-        completion = await resp.json()
-    assert completion["object"] == "chat.completion"
-    assert completion["choices"][0]["message"]["content"] == "Hi!"
-    assert completion["usage"]["completion_tokens"] == 2
+async def test_openais_whole_stream_gives_only_the_content_and_the_reported_usage(
+    make_provider: ProviderFactory, fake_openai: FakeOpenAIServer
+) -> None:
+    """The fake streams what OpenAI streams: a role chunk with empty content, obfuscation
+    padding, a finish chunk with an empty delta, a usage chunk with no choices, [DONE]. The
+    provider yields the content alone and the usage the server reported (numbers no estimate
+    would give), after reading the stream to its end."""
+    fake_openai.state.push(reply(["Hi", "!"], prompt_tokens=123, completion_tokens=7))
+    pieces, usage = await collect(make_provider())
+    assert pieces == ["Hi", "!"]
+    assert usage == Usage(123, 7)
+    (request,) = fake_openai.state.requests
+    assert request.completed and not request.disconnected

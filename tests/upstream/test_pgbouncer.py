@@ -13,7 +13,7 @@ import pytest
 
 from devtools.services import PgBouncer
 from tests.conftest import with_database
-from tests.sse import collect
+from tests.support.sse import collect
 from tests.upstream.conftest import UpstreamFactory
 from upstream.migrations import available
 

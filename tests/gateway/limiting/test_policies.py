@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from gateway.auth.identity import Identity
+from gateway.limiting.limiter import Limiter
 from gateway.limiting.policies import PolicyError, load_policies, normalize_path, parse_policies
+from gateway.metrics import Metrics
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 GOOD = """
 [default]
@@ -140,9 +143,20 @@ def test_missing_file_names_the_variable(tmp_path: Path) -> None:
         load_policies(tmp_path / "absent.toml")
 
 
-def test_cost_zero_exempts() -> None:
+def test_cost_zero_exempts_from_its_own_bucket_not_from_the_ceiling() -> None:
+    """A cost-0 rule takes nothing from any bucket of its own; the `[ip]` ceiling still counts."""
     text = (
-        '[default]\nrate = "1/second"\n[[rules]]\nname = "free"\npath_prefix = "/healthz"\n'
-        'rate = "1/second"\ncost = 0\n'
+        '[default]\nrate = "1/second"\n[ip]\nrate = "10/second"\n'
+        '[[rules]]\nname = "free"\npath_prefix = "/healthz"\nrate = "1/second"\ncost = 0\n'
     )
-    assert parse_policies(text, "t.toml").match("GET", "/healthz").cost == 0
+    limiter = Limiter(
+        None, parse_policies(text, "t.toml"), Metrics(), prefix="t:", timeout=1, divisor=1
+    )
+    alice = Identity("header", "alice")
+    policy, applied, takes = limiter.plan("GET", "/healthz", alice, "127.0.0.1")
+    assert policy.name == "free"
+    assert [p.name for p in applied] == ["ip"]
+    assert [t.key.split(":")[2] for t in takes] == ["ip"]
+    policy, applied, takes = limiter.plan("GET", "/v1/conversations", alice, "127.0.0.1")
+    assert [p.name for p in applied] == ["default", "ip"]
+    assert [t.cost for t in takes] == [1, 1]

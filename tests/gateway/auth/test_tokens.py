@@ -556,10 +556,31 @@ async def test_close_cancels_a_fetch_in_flight(
     jwks.hang.set()
 
 
-async def test_owned_session_closed(jwks: JWKSServer, keys: Keys) -> None:
+async def test_owned_session_closed_a_given_one_left_open(
+    jwks: JWKSServer, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[aiohttp.ClientSession] = []
+    real = aiohttp.ClientSession
+
+    def recording(*args: Any, **kwargs: Any) -> aiohttp.ClientSession:
+        session = real(*args, **kwargs)
+        made.append(session)
+        return session
+
+    monkeypatch.setattr(aiohttp, "ClientSession", recording)
     verifier = TokenVerifier(jwks_url=jwks.url)
     await verifier.start()
     try:
         assert (await verifier.verify(signed(keys.rsa1, "RS256", "rsa-1"))).sub == USER
+        assert len(made) == 1 and not made[0].closed
     finally:
         await verifier.close()
+    assert made[0].closed  # the session it made, it closed
+
+    async with real() as given:
+        verifier = TokenVerifier(jwks_url=jwks.url, session=given)
+        await verifier.start()
+        assert (await verifier.verify(signed(keys.rsa1, "RS256", "rsa-1"))).sub == USER
+        await verifier.close()
+        assert not given.closed  # the caller's session is the caller's to close
+        assert len(made) == 1

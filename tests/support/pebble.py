@@ -15,13 +15,10 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -30,8 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from devtools.services import free_port
+from tests.conftest import sync_wait
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 APT_HINT = "apt-get install -y {pkg} (CI installs it through .ci/run)"
 
 
@@ -199,18 +197,6 @@ async def handshake(
     finally:
         writer.close()
         await writer.wait_closed()
-
-
-def sync_wait(predicate: Callable[[], Any], within: float, what: str) -> Any:
-    """wait_until for synchronous fixtures: poll with a deadline."""
-    deadline = time.monotonic() + within
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within} s")
-        time.sleep(0.05)
 
 
 # --- pebble ---------------------------------------------------------------------------------

@@ -16,9 +16,8 @@ import ssl
 import stat
 import subprocess
 import sys
-import urllib.request
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,9 @@ from gateway.settings import GatewaySettings
 from gateway.tls.acme import https_location
 from gateway.tls.certificates import CIPHERS, load_pair
 from pixelcraft.boot import error_lines
-from tests.conftest import service_env, wait_until
+from tests.conftest import GatewayStarter, service_env, wait_until
 from tests.gateway.conftest import FakeUpstream
-from tests.pebble import (
+from tests.support.pebble import (
     ROOT,
     Issued,
     Pebble,
@@ -47,10 +46,10 @@ from tests.pebble import (
     make_leaf,
     require_tool,
     serial_of_pem,
-    sync_wait,
     write_pair,
 )
-from tests.sse import events
+from tests.support.processes import Launcher, Service
+from tests.support.sse import events
 
 DOMAIN = "gateway.pixelcraft.test"
 SCRIPTS = ROOT / "scripts"
@@ -61,103 +60,34 @@ HOOK_ISOLATION = {"PIXELCRAFT_GATEWAY_UNIT": "pixelcraft-test-absent.service"}
 # --- gateway processes ----------------------------------------------------------------------
 
 
-@dataclass
-class Gateway:
-    proc: asyncio.subprocess.Process
-    http_port: int
-    https_port: int
-    admin_port: int
-    output: list[str]
-    reader: asyncio.Future[None]
-
-    @property
-    def https(self) -> str:
-        return f"https://127.0.0.1:{self.https_port}"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    async def metrics(self) -> dict[str, float]:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{self.admin_port}/metrics") as resp:
-                text = await resp.text()
-        samples = {}
-        for line in text.splitlines():
-            if line.startswith("gateway_tls_"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
-
-    def log(self) -> str:
-        return "\n".join(self.output)
-
-
-StartGateway = Callable[..., Awaitable[Gateway]]
+StartGateway = GatewayStarter
 
 
 @pytest.fixture
-async def start_gateway(redis_url: str, bucket_prefix: str) -> AsyncIterator[StartGateway]:
-    """`python -m gateway` with TLS settings; ready once its admin port answers (it opens last).
-    `wait=False` returns at once (for boot failures)."""
-    started: list[Gateway] = []
+def start_gateway(gateway_process: GatewayStarter) -> StartGateway:
+    """`gateway_process` without rate limits (the load below is not what limits are for) and
+    with a 1 s drain; give `GATEWAY_TLS_*` and the like."""
 
-    async def start(
-        upstream_url: str, *, wait: bool = True, http_port: int | None = None, **env: Any
-    ) -> Gateway:
-        gateway_ports = (http_port or free_port(), free_port(), free_port())
-        variables = {
-            "REDIS_URL": redis_url,
-            "GATEWAY_UPSTREAM_URL": upstream_url,
-            "GATEWAY_REDIS_KEY_PREFIX": bucket_prefix,
-            "GATEWAY_RATELIMIT_ENABLED": "false",  # the load below is not what limits are for
-            "GATEWAY_HOST": "127.0.0.1",
-            "GATEWAY_HTTP_PORT": gateway_ports[0],
-            "GATEWAY_HTTPS_PORT": gateway_ports[1],
-            "GATEWAY_ADMIN_PORT": gateway_ports[2],
-            "GATEWAY_DRAIN_SECONDS": "1",
-            **env,
-        }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            env=service_env(**variables),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # with GATEWAY_WORKERS > 1 its workers are in its group
-        )
-        output: list[str] = []
+    async def start(upstream_url: str, **options: Any) -> Service:
+        defaults = {"GATEWAY_RATELIMIT_ENABLED": "false", "GATEWAY_DRAIN_SECONDS": "1"}
+        return await gateway_process(upstream_url, **{**defaults, **options})
 
-        async def collect() -> None:
-            assert proc.stdout is not None
-            async for line in proc.stdout:
-                output.append(line.decode(errors="replace").rstrip())
+    return start
 
-        gateway = Gateway(proc, *gateway_ports, output, asyncio.ensure_future(collect()))
-        started.append(gateway)
-        if not wait:
-            return gateway
 
-        async def ready() -> bool:
-            if proc.returncode is not None:
-                await gateway.reader
-                raise AssertionError(f"gateway exited {proc.returncode}:\n{gateway.log()}")
-            try:
-                await gateway.metrics()
-            except aiohttp.ClientConnectionError:
-                return False
-            return True
-
-        await wait_until(ready, within=30)
-        return gateway
-
-    yield start
-    for gateway in started:
-        if gateway.proc.returncode is None:
-            os.killpg(gateway.proc.pid, signal.SIGKILL)  # the group this fixture created
-            await gateway.proc.wait()
-        await asyncio.wait_for(gateway.reader, 10)
+async def tls_metrics(gateway: Service) -> dict[str, float]:
+    """The gateway_tls_* samples on its admin port."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{gateway.admin_url}/metrics") as resp,
+    ):
+        text = await resp.text()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("gateway_tls_"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 # --- pebble and the certificate it issues (one of each for the module) ---------------------
@@ -196,59 +126,37 @@ def issued(
     """scripts/cert-issue against pebble, its http-01 challenge served by a gateway without TLS
     (how the first certificate is obtained)."""
     webroot = tmp_path_factory.mktemp("acme-webroot")
-    log_path = pebble.workdir / "issuing-gateway.log"
-    with log_path.open("wb") as log:
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway"],
-            env=service_env(
-                REDIS_URL=redis_url,
-                GATEWAY_UPSTREAM_URL="http://127.0.0.1:9",
-                GATEWAY_REDIS_KEY_PREFIX=f"{key_prefix}issue:",
+    argv = [str(SCRIPTS / "cert-issue"), "-d", DOMAIN, "-w", str(webroot)]
+    argv += ["--server", pebble.directory]
+    certbot_env = pebble.certbot_env(GATEWAY_PID_FILE=str(webroot / "absent.pid"), **HOOK_ISOLATION)
+
+    async def issue() -> tuple[subprocess.CompletedProcess[str], str]:
+        async with Launcher(tmp_path_factory.mktemp("issuing-gateway")) as launcher:
+            gateway = await launcher.gateway(
+                redis_url=redis_url,
+                upstream_url="http://127.0.0.1:9",
+                key_prefix=f"{key_prefix}issue:",
+                http_port=pebble.http_port,
                 GATEWAY_RATELIMIT_ENABLED="false",
-                GATEWAY_HOST="127.0.0.1",
-                GATEWAY_HTTP_PORT=pebble.http_port,
-                GATEWAY_ADMIN_PORT=free_port(),
                 GATEWAY_ACME_WEBROOT=webroot,
-            ),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+            )
+            result = await asyncio.to_thread(
+                lambda: subprocess.run(
+                    [*argv, "--", *pebble.certbot_options()],
+                    env=certbot_env,
+                    capture_output=True,
+                    text=True,
+                    timeout=90,
+                )
+            )
+            await gateway.stop(within=15)
+            await gateway.reader
+            return result, gateway.log()
 
-        def healthy() -> bool:
-            if gateway.poll() is not None:
-                raise AssertionError(f"gateway exited {gateway.returncode}: {log_path.read_text()}")
-            try:
-                url = f"http://127.0.0.1:{pebble.http_port}/healthz"
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    return bool(resp.status == 200)
-            except OSError:
-                return False
-
-        sync_wait(healthy, 30, "the issuing gateway")
-        result = subprocess.run(
-            [
-                SCRIPTS / "cert-issue",
-                "-d",
-                DOMAIN,
-                "-w",
-                webroot,
-                "--server",
-                pebble.directory,
-                "--",
-                *pebble.certbot_options(),
-            ],
-            env=pebble.certbot_env(GATEWAY_PID_FILE=str(webroot / "absent.pid"), **HOOK_ISOLATION),
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
-    finally:
-        gateway.terminate()
-        gateway.wait(timeout=15)
+    result, log = asyncio.run(issue())
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{pebble.logs()}"
     # The CA fetched the challenge from the gateway (over ::1 first, as pebble prefers IPv6).
-    assert re.search(r"GET /\.well-known/acme-challenge/[A-Za-z0-9_-]+ 200", log_path.read_text())
+    assert re.search(r"GET /\.well-known/acme-challenge/[A-Za-z0-9_-]+ 200", log), log
     lineage = Lineage(pebble.live(DOMAIN), webroot)
     assert lineage.fullchain.is_file() and lineage.privkey.is_file()
     return lineage
@@ -256,7 +164,7 @@ def issued(
 
 async def tls_gateway_from(
     start_gateway: StartGateway, lineage: Lineage, pebble: Pebble, upstream_url: str, **env: Any
-) -> Gateway:
+) -> Service:
     return await start_gateway(
         upstream_url,
         http_port=pebble.http_port,
@@ -331,7 +239,7 @@ async def test_certbot_certificate_is_served_over_https(
             assert "Strict-Transport-Security" not in resp.headers  # RFC 6797 §7.2
 
     cert = x509.load_pem_x509_certificates(issued.fullchain.read_bytes())[0]
-    samples = await gateway.metrics()
+    samples = await tls_metrics(gateway)
     expiry = samples["gateway_tls_certificate_expiry_timestamp_seconds"]
     assert expiry == cert.not_valid_after_utc.timestamp()
 
@@ -422,7 +330,7 @@ async def test_renewal_switches_new_handshakes_and_keeps_open_connections(
         keepalive.close()
         await streaming.close()
 
-    samples = await gateway.metrics()
+    samples = await tls_metrics(gateway)
     assert samples['gateway_tls_reloads_total{result="ok"}'] >= 1
     assert samples['gateway_tls_reloads_total{result="error"}'] == 0
     cert = x509.load_pem_x509_certificates(issued.fullchain.read_bytes())[0]
@@ -540,7 +448,7 @@ async def test_bad_files_keep_the_current_certificate(
             errors += 1
 
             async def counted(expected: int = errors) -> bool:
-                return counts(await gateway.metrics()) == (0, expected)
+                return counts(await tls_metrics(gateway)) == (0, expected)
 
             await wait_until(counted, within=10)
             assert (await handshake(gateway.https_port, verifying))[0] == first.serial, case
@@ -556,11 +464,11 @@ async def test_bad_files_keep_the_current_certificate(
         gateway.proc.send_signal(signal.SIGHUP)
 
         async def reloaded() -> bool:
-            return counts(await gateway.metrics()) == (1, errors)
+            return counts(await tls_metrics(gateway)) == (1, errors)
 
         await wait_until(reloaded, within=10)
         assert (await handshake(gateway.https_port, verifying))[0] == second.serial
-    samples = await gateway.metrics()
+    samples = await tls_metrics(gateway)
     expiry = samples["gateway_tls_certificate_expiry_timestamp_seconds"]
     assert expiry == second.cert.not_valid_after_utc.timestamp()
 
@@ -589,7 +497,7 @@ async def test_poll_reloads_changed_files_without_a_signal(
     files.cert.write_bytes(second.cert_pem + ca.cert_pem)
 
     async def refused() -> bool:
-        return counts(await gateway.metrics()) == (0, 1)
+        return counts(await tls_metrics(gateway)) == (0, 1)
 
     await wait_until(refused, within=10)
     assert (await handshake(gateway.https_port, verifying))[0] == first.serial
@@ -599,7 +507,7 @@ async def test_poll_reloads_changed_files_without_a_signal(
         return (await handshake(gateway.https_port, verifying))[0] == second.serial
 
     await wait_until(served, within=10)
-    assert counts(await gateway.metrics()) == (1, 1)
+    assert counts(await tls_metrics(gateway)) == (1, 1)
 
 
 async def test_every_worker_reloads_on_sighup(
@@ -618,7 +526,7 @@ async def test_every_worker_reloads_on_sighup(
     verifying = client_context(_ca_file(ca, files.cert.parent))
 
     async def both_workers_up() -> bool:
-        return (await gateway.metrics()).get('gateway_tls_reloads_total{result="ok"}') == 0 and (
+        return (await tls_metrics(gateway)).get('gateway_tls_reloads_total{result="ok"}') == 0 and (
             len([line for line in gateway.output if "listening on https://127.0.0.1" in line]) == 2
         )
 
@@ -628,7 +536,7 @@ async def test_every_worker_reloads_on_sighup(
     await run_script(SCRIPTS / "cert-deploy-hook", env=service_env(GATEWAY_PID_FILE=pid_file))
 
     async def both_reloaded() -> bool:
-        return counts(await gateway.metrics()) == (2, 0)  # summed over the workers
+        return counts(await tls_metrics(gateway)) == (2, 0)  # summed over the workers
 
     await wait_until(both_reloaded, within=10)
     serials = {(await handshake(gateway.https_port, verifying))[0] for _ in range(20)}

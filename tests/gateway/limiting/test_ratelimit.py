@@ -7,19 +7,18 @@ import math
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import http_sfv
+import http_sfv.list
 import pytest
 from redis.asyncio import Redis
 
 from gateway.limiting.buckets import LocalBuckets, RedisBuckets, Take
 from gateway.metrics import metrics_key
-from tests.conftest import wait_until
-from tests.gateway.conftest import FakeUpstream, GatewayFactory, GatewayProcess
+from tests.conftest import GatewayStarter, wait_until
+from tests.gateway.conftest import FakeUpstream, GatewayFactory
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
@@ -57,7 +56,7 @@ def policy_file(
 
 def parse_list(value: str) -> dict[str, dict[str, Any]]:
     """A structured-field List (RFC 8941) as {member: params}; fails on any syntax error."""
-    parsed = http_sfv.List()
+    parsed = http_sfv.list.List()
     parsed.parse(value.encode())
     return {item.value: dict(item.params) for item in parsed}
 
@@ -334,7 +333,7 @@ async def test_rate_limiting_off_adds_nothing(
 
 
 async def test_two_gateways_share_one_users_limit_exactly(
-    gateway_process: Callable[..., Awaitable[GatewayProcess]],
+    gateway_process: GatewayStarter,
     upstream: FakeUpstream,
     tmp_path: Path,
 ) -> None:
@@ -376,7 +375,7 @@ async def test_two_gateways_share_one_users_limit_exactly(
 
 
 async def test_sighup_reloads_policies_and_a_bad_file_keeps_the_old_ones(
-    gateway_process: Callable[..., Awaitable[GatewayProcess]],
+    gateway_process: GatewayStarter,
     upstream: FakeUpstream,
     tmp_path: Path,
 ) -> None:

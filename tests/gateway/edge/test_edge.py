@@ -12,16 +12,17 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from aiohttp.test_utils import TestClient
 
 from gateway.edge.wire import printable
 from gateway.keys import access_log_key, plane_key
 from tests.conftest import wait_until
 from tests.gateway.conftest import FakeUpstream, GatewayFactory
-from tests.gateway.rawhttp import RawResponse, connect, read_response, send
-from tests.gateway.test_ratelimit import policy_file
+from tests.gateway.edge.rawhttp import RawResponse, connect, read_response, send
+from tests.gateway.limiting.test_ratelimit import policy_file
 
 HOST = b"Host: chat.example.com\r\n"
 
@@ -33,9 +34,16 @@ def problem(response: RawResponse) -> dict[str, Any]:
     return document
 
 
+def port_of(client: TestClient[Any, Any]) -> int:
+    port = client.port
+    assert port is not None  # started
+    return port
+
+
 def seen_headers(upstream: FakeUpstream, index: int = -1) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for name, value in upstream.state.requests[index]["headers"]:  # type: ignore[union-attr]
+    headers = cast(list[tuple[str, str]], upstream.state.requests[index]["headers"])
+    for name, value in headers:
         out.setdefault(name.lower(), []).append(value)
     return out
 
@@ -86,7 +94,7 @@ async def test_malformed_requests_get_a_400_and_nothing_reaches_the_upstream(
     client = await make_gateway(upstream.url)
     # A well-formed request behind the malformed one must not be served either.
     data = MALFORMED[case] + b"GET /echo/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
-    (response,), rest = await send(client.port, data)
+    (response,), rest = await send(port_of(client), data)
     assert response.status == 400, case
     assert response.header("Server") == "pixelcraft"
     assert response.header("Connection") == "close"
@@ -100,7 +108,7 @@ async def test_connect_is_refused_with_405(
 ) -> None:
     client = await make_gateway(upstream.url)
     data = b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\nGET / HTTP/1.1\r\n"
-    (response,), rest = await send(client.port, data)
+    (response,), rest = await send(port_of(client), data)
     assert response.status == 405
     assert "GET" in (response.header("Allow") or "")
     assert response.header("Server") == "pixelcraft"
@@ -113,14 +121,16 @@ async def test_oversized_heads_are_refused(
 ) -> None:
     client = await make_gateway(upstream.url)
     (response,), _ = await send(
-        client.port, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        port_of(client), b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
     )
     assert response.status == 414
     many = b"".join(b"X-%d: y\r\n" % i for i in range(101))
-    (response,), _ = await send(client.port, b"GET /echo HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    (response,), _ = await send(
+        port_of(client), b"GET /echo HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n"
+    )
     assert response.status == 431
     # One header line that never ends: refused once it passes the limit, not held in memory.
-    reader, writer = await connect(client.port)
+    reader, writer = await connect(port_of(client))
     writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Long: ")
     for _ in range(40):
         writer.write(b"v" * 4096)
@@ -136,13 +146,13 @@ async def test_absolute_form_is_answered_and_never_changes_the_destination(
 ) -> None:
     client = await make_gateway(upstream.url)
     data = b"GET http://evil.example:9999/echo/x?q=1 HTTP/1.1\r\nHost: chat.example.com\r\n\r\n"
-    (response,), _ = await send(client.port, data, closes=False)
+    (response,), _ = await send(port_of(client), data, closes=False)
     assert response.status == 200
     assert upstream.state.seen == [("GET", "/echo/x?q=1")]
     # RFC 9112 §3.2.2: the target's authority stands in for Host.
     assert seen_headers(upstream)["x-forwarded-host"] == ["evil.example:9999"]
     (response,), _ = await send(
-        client.port, b"GET ftp://evil.example/x HTTP/1.1\r\nHost: x\r\n\r\n"
+        port_of(client), b"GET ftp://evil.example/x HTTP/1.1\r\nHost: x\r\n\r\n"
     )
     assert response.status == 400
     assert len(upstream.state.seen) == 1
@@ -157,7 +167,7 @@ async def test_h2c_upgrade_is_served_as_plain_http_and_the_trailing_request_too(
         b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
         b"GET /echo/second HTTP/1.1\r\nHost: x\r\n\r\n"
     )
-    (first, second), _ = await send(client.port, data, 2, closes=False)
+    (first, second), _ = await send(port_of(client), data, 2, closes=False)
     assert (first.status, second.status) == (200, 200)
     assert first.header("Upgrade") is None
     assert upstream.state.seen == [("GET", "/echo/first"), ("GET", "/echo/second")]
@@ -172,7 +182,7 @@ async def test_pipelined_requests_are_answered_in_order_behind_a_429(
     client = await make_gateway(upstream.url, gateway_ratelimit_config=policies)
     spent, fresh = uuid.uuid4().hex, uuid.uuid4().hex
     (warm,), _ = await send(
-        client.port,
+        port_of(client),
         b"GET /echo HTTP/1.1\r\nHost: x\r\nX-User-Id: %s\r\n\r\n" % spent.encode(),
         closes=False,
     )
@@ -181,7 +191,7 @@ async def test_pipelined_requests_are_answered_in_order_behind_a_429(
         b"GET /echo/%d HTTP/1.1\r\nHost: x\r\nX-User-Id: %s\r\n\r\n" % (i, user.encode())
         for i, user in enumerate((spent, fresh, spent))
     )
-    responses, _ = await send(client.port, data, 3, closes=False)
+    responses, _ = await send(port_of(client), data, 3, closes=False)
     assert [r.status for r in responses] == [429, 200, 429]
     assert json.loads(responses[1].body)["raw_path"] == "/echo/1"
     assert [path for _, path in upstream.state.seen] == ["/echo", "/echo/1"]
@@ -193,7 +203,7 @@ async def test_http_1_0_and_connection_close(
     client = await make_gateway(upstream.url)
     # HTTP/1.0 asking for keep-alive gets it; a chunked upstream body reaches it delimited
     # by the connection's end instead (no chunked coding in 1.0).
-    reader, writer = await connect(client.port)
+    reader, writer = await connect(port_of(client))
     writer.write(b"GET /echo HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     response = await read_response(reader)
     assert (response.status, response.header("Connection")) == (200, "keep-alive")
@@ -203,10 +213,10 @@ async def test_http_1_0_and_connection_close(
     assert response.header("Connection") == "close"
     assert len(response.body) == 100000  # read to the connection's end
     writer.close()
-    (response,), rest = await send(client.port, b"GET /echo HTTP/1.0\r\n\r\n")
+    (response,), rest = await send(port_of(client), b"GET /echo HTTP/1.0\r\n\r\n")
     assert response.header("Connection") == "close" and rest == b""
     data = b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    (response,), rest = await send(client.port, data)
+    (response,), rest = await send(port_of(client), data)
     assert response.header("Connection") == "close" and rest == b""
 
 
@@ -218,7 +228,7 @@ async def test_connection_deadlines_never_cut_a_response_in_progress(
     client = await make_gateway(
         upstream.url, gateway_keepalive_timeout=0.3, gateway_header_timeout=0.3
     )
-    reader, writer = await connect(client.port)
+    reader, writer = await connect(port_of(client))
     writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await read_response(reader)).status == 200
     writer.write(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\nGET /echo HT")  # and half a head
@@ -238,7 +248,7 @@ async def test_head_and_bodiless_statuses_are_framed_without_a_body(
     upstream: FakeUpstream, make_gateway: GatewayFactory
 ) -> None:
     client = await make_gateway(upstream.url)
-    reader, writer = await connect(client.port)
+    reader, writer = await connect(port_of(client))
     writer.write(b"HEAD /source?bytes=5000 HTTP/1.1\r\nHost: x\r\n\r\n")
     head = await read_response(reader, head_only=True)
     assert head.status == 200
@@ -260,7 +270,7 @@ async def test_client_headers_that_must_not_reach_the_upstream(
         b"X_User_Id: alice\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n"
         b"X-Kept: yes\r\n\r\n"
     )
-    (response,), _ = await send(client.port, data, closes=False)
+    (response,), _ = await send(port_of(client), data, closes=False)
     assert response.status == 200
     headers = seen_headers(upstream)
     for name in ("proxy-authorization", "x_user_id", "forwarded", "x-real-ip"):
@@ -277,7 +287,7 @@ async def test_a_trusted_proxy_may_pass_forwarded_and_x_real_ip(
         b"GET /echo HTTP/1.1\r\nHost: x\r\nForwarded: for=203.0.113.9\r\n"
         b"X-Real-IP: 203.0.113.9\r\n\r\n"
     )
-    await send(client.port, data, closes=False)
+    await send(port_of(client), data, closes=False)
     headers = seen_headers(upstream)
     assert headers["forwarded"] == ["for=203.0.113.9"]
     assert headers["x-real-ip"] == ["203.0.113.9"]
@@ -317,10 +327,10 @@ async def test_expect_100_continue_only_after_size_and_limits_pass(
     user = uuid.uuid4().hex.encode()
     head = b"POST /echo HTTP/1.1\r\nHost: x\r\nX-User-Id: %s\r\nExpect: 100-continue\r\n" % user
     # Over the size limit: the 413 comes first, and no 100.
-    (response,), _ = await send(client.port, head + b"Content-Length: 5000\r\n\r\n")
+    (response,), _ = await send(port_of(client), head + b"Content-Length: 5000\r\n\r\n")
     assert response.status == 413
     # Within it: 100, then the body is sent, then the answer.
-    reader, writer = await connect(client.port)
+    reader, writer = await connect(port_of(client))
     writer.write(head + b"Content-Length: 5\r\n\r\n")
     interim = await asyncio.wait_for(read_response(reader), 5)
     assert interim.status == 100
@@ -329,7 +339,7 @@ async def test_expect_100_continue_only_after_size_and_limits_pass(
     assert final.status == 200 and json.loads(final.body)["body_bytes"] == 5
     writer.close()
     # Over the limit: the 429 comes first, and no 100.
-    (response,), _ = await send(client.port, head + b"Content-Length: 5\r\n\r\n")
+    (response,), _ = await send(port_of(client), head + b"Content-Length: 5\r\n\r\n")
     assert response.status == 429
     assert [path for _, path in upstream.state.seen] == ["/echo"]
 
@@ -340,9 +350,9 @@ async def test_log_lines_escape_request_data(
     client = await make_gateway(upstream.url)
     # Percent-encoded CR, LF and ESC in the path: the upstream's router decodes them, the log
     # must not.
-    await send(client.port, b"GET /echo/%0D%0Aforged%1B[31m HTTP/1.1\r\nHost: x\r\n\r\n",
+    await send(port_of(client), b"GET /echo/%0D%0Aforged%1B[31m HTTP/1.1\r\nHost: x\r\n\r\n",
                closes=False)  # fmt: skip
-    client.server.app[access_log_key].flush()
+    client.app[access_log_key].flush()
     err = capsys.readouterr().err
     line = next(line for line in err.splitlines() if "gateway.access" in line)
     assert "/echo/%0D%0Aforged%1B[31m" in line
@@ -360,10 +370,12 @@ async def test_every_answer_says_server_pixelcraft(
         b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello on the HTTP port
     ):
-        (response,), _ = await send(client.port, data, closes=False)
+        (response,), _ = await send(port_of(client), data, closes=False)
         assert response.header("Server") == "pixelcraft", data
     (response,), _ = await send(
-        client.port, b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", closes=False
+        port_of(client),
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        closes=False,
     )
     assert response.status == 405 and response.header("Allow") == "GET, HEAD"
 
@@ -383,12 +395,12 @@ async def test_slow_bodies_never_hold_the_upstream_pool(
     )
     tricklers = []
     for _ in range(100):
-        _reader, writer = await connect(client.port, local="127.0.0.2")
+        _reader, writer = await connect(port_of(client), local="127.0.0.2")
         writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\nabc")
         tricklers.append(writer)
     for writer in tricklers:
         await writer.drain()
-    plane = client.server.app[plane_key]
+    plane = client.app[plane_key]
     await wait_until(lambda: plane.buffered == 300, within=10)
     try:
         for i in range(20):
@@ -412,7 +424,7 @@ async def test_stalled_uploads_get_408_and_are_closed(
         if chunked
         else (b"Content-Length: 1000000\r\n\r\nabc")
     )
-    reader, writer = await connect(client.port)
+    reader, writer = await connect(port_of(client))
     writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\n" + framing)
     started = time.monotonic()
     response = await asyncio.wait_for(read_response(reader), 10)
@@ -433,7 +445,7 @@ async def test_a_stalled_streamed_upload_aborts_its_upstream_request(
     client = await make_gateway(
         upstream.url, gateway_client_body_timeout=0.5, gateway_client_body_buffer_bytes=65536
     )
-    reader, writer = await connect(client.port)
+    reader, writer = await connect(port_of(client))
     writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
     writer.write(b"x" * 100_000)
     await writer.drain()
@@ -455,15 +467,15 @@ async def test_body_buffers_are_bounded_in_total(
     )
     holders = []
     for _ in range(3):
-        reader, writer = await connect(client.port)
+        reader, writer = await connect(port_of(client))
         writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 65000\r\n\r\n")
         writer.write(b"y" * 64000)
         await writer.drain()
         holders.append((reader, writer))
-    plane = client.server.app[plane_key]
+    plane = client.app[plane_key]
     await wait_until(lambda: plane.buffered == 192000, within=5)
     (response,), _ = await send(
-        client.port,
+        port_of(client),
         b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n" + b"z" * 20000,
     )
     assert response.status == 503 and response.header("Retry-After") == "1"
@@ -478,7 +490,7 @@ async def test_download_pauses_the_upstream_while_the_client_does_not_read(
     upstream: FakeUpstream, make_gateway: GatewayFactory
 ) -> None:
     client = await make_gateway(upstream.url)
-    reader, writer = await connect(client.port)
+    reader, writer = await connect(port_of(client))
     writer.write(b"GET /source?bytes=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (512 << 20))
     await reader.readuntil(b"\r\n\r\n")  # then read nothing
 
@@ -502,7 +514,7 @@ async def test_upload_pauses_the_client_while_the_upstream_does_not_read(
     upstream: FakeUpstream, make_gateway: GatewayFactory
 ) -> None:
     client = await make_gateway(upstream.url, gateway_max_body_bytes=1 << 30)
-    reader, writer = await connect(client.port)
+    reader, writer = await connect(port_of(client))
     total = 512 << 20
     writer.write(b"POST /slow-sink HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % total)
     sent = 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,11 @@ from aiohttp.test_utils import TestClient
 from gateway.limiting.policies import parse_policies
 from gateway.limiting.usage import UsageWatcher, event_tokens
 from gateway.metrics import metrics_key
-from tests.conftest import wait_until
-from tests.gateway.conftest import FakeUpstream, GatewayFactory, GatewayProcess
-from tests.gateway.test_ratelimit import parse_list, policy_file, user
-from tests.sse import events
+from tests.conftest import GatewayStarter, wait_until
+from tests.gateway.conftest import FakeUpstream, GatewayFactory
+from tests.gateway.limiting.test_ratelimit import parse_list, policy_file, user
+from tests.support.processes import Service
+from tests.support.sse import events
 
 BUDGET = """
 [default]
@@ -168,7 +168,7 @@ async def test_an_upstream_failure_refunds_the_reservation_exactly(
 
 
 async def test_two_gateways_share_one_users_budget(
-    gateway_process: Callable[..., Awaitable[GatewayProcess]],
+    gateway_process: GatewayStarter,
     chat_service: str,
     tmp_path: Path,
 ) -> None:
@@ -179,7 +179,7 @@ async def test_two_gateways_share_one_users_budget(
     settled = 0
     async with aiohttp.ClientSession() as session:
 
-        async def debited(gateway: GatewayProcess) -> float:
+        async def debited(gateway: Service) -> float:
             async with session.get(f"{gateway.admin_url}/metrics") as resp:
                 for line in (await resp.text()).splitlines():
                     if line.startswith('gateway_ratelimit_tokens_total{kind="debited",'):
@@ -195,10 +195,9 @@ async def test_two_gateways_share_one_users_budget(
             assert status == 200 and used is not None
             assert settled <= 999
             settled += used
+            goal = before + used - 1
 
-            async def applied(
-                gateway: GatewayProcess = gateway, goal: float = before + used - 1
-            ) -> bool:
+            async def applied(gateway: Service = gateway, goal: float = goal) -> bool:
                 return await debited(gateway) >= goal
 
             await wait_until(applied, within=5)  # settled in Redis before the other asks
@@ -240,7 +239,7 @@ async def test_a_third_stream_waits_for_one_of_two(
 
 
 async def test_a_killed_gateway_frees_its_leases_within_their_lifetime(
-    gateway_process: Callable[..., Awaitable[GatewayProcess]],
+    gateway_process: GatewayStarter,
     upstream: FakeUpstream,
     tmp_path: Path,
 ) -> None:
@@ -287,6 +286,6 @@ async def test_events_still_flow_one_by_one_while_usage_is_watched(
         debited = registry.get_sample_value(
             "gateway_ratelimit_tokens_total", {"policy": "streams-tokens", "kind": "debited"}
         )
-        return debited == 42 - 5
+        return bool(debited == 42 - 5)
 
     await wait_until(settled, within=5)

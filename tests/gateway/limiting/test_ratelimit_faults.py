@@ -20,7 +20,7 @@ from gateway.metrics import metrics_key
 from pixelcraft.boot import DependencyUnavailable
 from tests.conftest import wait_until
 from tests.gateway.conftest import FakeUpstream, GatewayFactory
-from tests.gateway.test_ratelimit import parse_list, policy_file, user
+from tests.gateway.limiting.test_ratelimit import parse_list, policy_file, user
 
 DEADLINE_MS = 50
 # A request must never wait on a failing Redis much past the deadline; without one it would
@@ -48,6 +48,11 @@ rate = "1/minute"
 burst = 1
 failure_mode = "open"
 """
+
+
+async def command(client: Redis, *words: str) -> Any:
+    """A raw Redis command (redis-py leaves execute_command unannotated)."""
+    return await client.execute_command(*words)  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture
@@ -176,7 +181,7 @@ async def test_redis_stalled_by_client_pause_is_bounded_by_the_deadline(
     assert (await client.get("/echo", headers=user())).status == 200
     admin = Redis.from_url(own_redis.url)
     try:
-        await admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+        await command(admin, "CLIENT", "PAUSE", "3000", "ALL")
         # A missed deadline decides that batch without Redis, on the local buckets whatever
         # the failure mode (one miss may be this process being late, not Redis): even the
         # chat rule, which fails closed, admits it. A few misses in a row open the breaker.
@@ -192,7 +197,7 @@ async def test_redis_stalled_by_client_pause_is_bounded_by_the_deadline(
         await assert_failure_modes(client)
         await wait_until(lambda: not degraded(client), within=10)
     finally:
-        await admin.execute_command("CLIENT", "UNPAUSE")
+        await command(admin, "CLIENT", "UNPAUSE")
         await admin.aclose()
 
 
@@ -202,16 +207,16 @@ async def test_redis_refusing_the_script_degrades_then_recovers(
     client = faulty_gateway
     admin = Redis.from_url(own_redis.url)
     try:
-        await admin.execute_command("ACL", "SETUSER", "default", "-evalsha")
+        await command(admin, "ACL", "SETUSER", "default", "-evalsha")
         resp, _ = await timed_get(client, "/v1/chat", headers=user(), data=b"{}")
         assert resp.status == 503  # that request found out: chat fails closed
         assert degraded(client)
-        await admin.execute_command("ACL", "SETUSER", "default", "+evalsha")
+        await command(admin, "ACL", "SETUSER", "default", "+evalsha")
         await wait_until(lambda: not degraded(client), within=10)
         resp, _ = await timed_get(client, "/v1/chat", headers=user(), data=b"{}")
         assert resp.status != 503
     finally:
-        await admin.execute_command("ACL", "SETUSER", "default", "+@all")
+        await command(admin, "ACL", "SETUSER", "default", "+@all")
         await admin.aclose()
 
 
@@ -219,7 +224,7 @@ async def test_a_redis_that_refuses_scripts_at_boot_is_unavailable(
     upstream: FakeUpstream, own_redis: RedisServer, gateway_settings: Any
 ) -> None:
     admin = Redis.from_url(own_redis.url)
-    await admin.execute_command("ACL", "SETUSER", "default", "-script")
+    await command(admin, "ACL", "SETUSER", "default", "-script")
     await admin.aclose()
     app = create_app(gateway_settings(upstream.url, redis_url=own_redis.url))
     runner = web.AppRunner(app)

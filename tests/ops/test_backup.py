@@ -28,7 +28,7 @@ from upstream.app import create_app
 from upstream.migrations import migrate
 from upstream.settings import UpstreamSettings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"
 
 pytestmark = pytest.mark.skipif(

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
+import re
 import time
 from typing import Any
 
@@ -15,6 +15,7 @@ import jwt
 import pytest
 from yarl import URL
 
+from devtools.services import free_port
 from gateway.keys import access_log_key
 from gateway.metrics import metrics_key
 from tests.conftest import wait_until
@@ -28,12 +29,6 @@ def headers_of(seen: dict[str, Any]) -> dict[str, list[str]]:
     for name, value in seen["headers"]:
         out.setdefault(name.lower(), []).append(value)
     return out
-
-
-def dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_request_passes_with_method_path_query_and_body(
@@ -134,8 +129,15 @@ async def test_request_id_kept_when_well_formed(
     resp = await client.get("/echo", headers={"X-Request-Id": "trace-42.a:b"})
     assert resp.headers["X-Request-Id"] == "trace-42.a:b"
     assert headers_of(await resp.json())["x-request-id"] == ["trace-42.a:b"]
-    resp = await client.get("/echo", headers={"X-Request-Id": "bad id\twith junk"})
-    assert resp.headers["X-Request-Id"] != "bad id\twith junk"
+    ids = []
+    for bad in ("bad id\twith junk", "x" * 129, "semi;colon"):
+        resp = await client.get("/echo", headers={"X-Request-Id": bad})
+        replaced = resp.headers["X-Request-Id"]
+        # The gateway's own id (32 hex digits), the same one the upstream was given.
+        assert re.fullmatch("[0-9a-f]{32}", replaced), replaced
+        assert headers_of(await resp.json())["x-request-id"] == [replaced]
+        ids.append(replaced)
+    assert len(set(ids)) == 3  # a fresh one each time
 
 
 async def test_sse_events_pass_one_by_one(
@@ -167,14 +169,14 @@ async def test_client_disconnect_cancels_the_upstream_request(
 
 
 async def test_upstream_refusing_is_502(make_gateway: GatewayFactory) -> None:
-    client = await make_gateway(f"http://127.0.0.1:{dead_port()}")
+    client = await make_gateway(f"http://127.0.0.1:{free_port()}")
     resp = await client.get("/anything")
     assert resp.status == 502
     assert resp.headers["Content-Type"] == "application/problem+json"
     problem = await resp.json()
     assert problem["title"] == "Bad Gateway"
     assert problem["request_id"] == resp.headers["X-Request-Id"]
-    metrics = client.server.app[metrics_key]
+    metrics = client.app[metrics_key]
     assert metrics.upstream_errors.labels("connect")._value.get() == 1
 
 
@@ -355,7 +357,7 @@ async def test_metrics_count_by_route_template(
     for ident in ids:
         await (await client.get(f"/echo/items/{ident}")).read()
     await (await client.get("/healthz")).read()
-    text, _ = client.server.app[metrics_key].render()
+    text, _ = client.app[metrics_key].render()
     exposition = text.decode()
     assert (
         'gateway_http_requests_total{method="GET",route="/echo/items/{id}",status="200"} 3.0'
@@ -374,7 +376,7 @@ async def test_access_log_line_per_response(
     resp = await client.get("/echo/x?token=secret-in-query", headers={"X-User-Id": "alice"})
     await resp.read()
     resp = await client.get("/echo", headers={"X-User-Id": "bad id"})
-    client.server.app[access_log_key].flush()
+    client.app[access_log_key].flush()
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
     access = [line for line in lines if line.get("logger") == "gateway.access"]
     assert [(a["method"], a["path"], a["status"], a["identity"]) for a in access] == [

@@ -7,15 +7,14 @@ import json
 import re
 import signal
 import socket
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import wait_until
-from tests.gateway.conftest import FakeUpstream, GatewayProcess
+from tests.conftest import GatewayStarter, wait_until
+from tests.gateway.conftest import FakeUpstream
 
-Start = Callable[..., Awaitable[GatewayProcess]]
+Start = GatewayStarter
 
 
 async def next_event(resp: aiohttp.ClientResponse) -> str:

@@ -21,7 +21,7 @@ from gateway.metrics import Metrics, metrics_key
 from gateway.serving.server import identity_warning
 from gateway.settings import GatewaySettings
 from tests.gateway.conftest import FakeUpstream, GatewayFactory
-from tests.gateway.test_ratelimit import policy_file
+from tests.gateway.limiting.test_ratelimit import policy_file
 
 JWT_SECRET = "s" * 40
 
@@ -167,7 +167,7 @@ async def test_junk_paths_never_become_route_labels(
         await resp.read()
     resp = await client.get("/echo/items/42", headers={"X-User-Id": "legit"})
     assert resp.status == 200
-    text, _ = client.server.app[metrics_key].render()
+    text, _ = client.app[metrics_key].render()
     labels = set(re.findall(r'gateway_http_requests_total\{[^}]*route="([^"]*)"', text.decode()))
     assert labels == {"other", "/echo/items/{id}"}
 

@@ -10,7 +10,8 @@ import aiohttp
 
 
 async def events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, Any]]:
-    name, data = "message", []
+    name = "message"
+    data: list[str] = []
     async for raw in response.content:
         line = raw.decode().rstrip("\r\n")
         if not line:
