@@ -8,7 +8,7 @@ most of the limiter's cost per request.
 
 The take-over reads one private attribute of redis-py's asyncio Connection (`_writer`, the
 StreamWriter it connected): this module is the only place that does, `redis` is capped below
-9 in setup.cfg, and tests/gateway/test_resp.py fails loudly if a redis-py release moves it.
+9 in setup.cfg, and tests/gateway/limiting/test_resp.py fails loudly if a redis-py release moves it.
 """
 
 from __future__ import annotations
