@@ -126,6 +126,7 @@ async def limiter_ctx(app: web.Application) -> AsyncIterator[None]:
     overrides = Overrides(
         OverrideStore(app[redis_key], settings.gateway_redis_key_prefix),
         settings.gateway_ratelimit_overrides_refresh_seconds,
+        on_load=metrics.ratelimit_overrides.set,
     )
     await overrides.start()  # a failure is a warning: overrides apply once Redis answers
     limiter.overrides = overrides

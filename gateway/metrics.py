@@ -126,6 +126,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.ratelimit_overrides = Gauge(
+            "gateway_ratelimit_overrides",
+            "Per-user limit overrides this process holds from Redis (lapsed ones included until "
+            "they are removed); it follows a change within "
+            "GATEWAY_RATELIMIT_OVERRIDES_REFRESH_SECONDS.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.ratelimit_policy_reloads = Counter(
             "gateway_ratelimit_policy_reloads_total",
             "SIGHUP reloads of the rate-limit policy file, by result (ok, error).",

@@ -168,9 +168,14 @@ class Overrides:
     """Every override, held in memory and refreshed when the version in Redis moves."""
 
     def __init__(
-        self, store: OverrideStore, refresh: float, clock: Callable[[], float] = time.time
+        self,
+        store: OverrideStore,
+        refresh: float,
+        clock: Callable[[], float] = time.time,
+        on_load: Callable[[int], None] | None = None,
     ) -> None:
         self.store = store
+        self.on_load = on_load  # told how many overrides each load brought
         self.refresh_seconds = refresh
         self.clock = clock
         self.entries: dict[tuple[str, str], Override] = {}
@@ -193,6 +198,8 @@ class Overrides:
             if version != self.version:
                 entries = await self.store.all()
                 self.entries, self._derived, self.version = entries, {}, version
+                if self.on_load is not None:
+                    self.on_load(len(entries))
                 logger.info("rate-limit overrides: %d (version %d)", len(entries), version)
         except Exception as exc:  # keep the last set: Redis trouble is the limiter's to report
             if not self._failing:

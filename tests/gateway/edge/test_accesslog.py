@@ -49,9 +49,18 @@ def test_json_line() -> None:
         "bytes": 1234,
         "duration_ms": 12.34,
         "identity": "header",
+        "plan": "default",
     }
     assert "aborted" not in first and second["aborted"] == "upstream"
     assert second["duration_ms"] == 1500.0
+
+
+def test_a_plan_other_than_the_default_is_logged() -> None:
+    out = io.StringIO()
+    AccessLog("text", out).write(*ARGS, None, "pro")
+    AccessLog("text", out).write(*ARGS, None)
+    pro, default = out.getvalue().splitlines()
+    assert pro.endswith(" id=header plan=pro") and default.endswith(" id=header")
 
 
 def test_json_escapes_control_characters() -> None:
