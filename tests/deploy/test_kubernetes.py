@@ -327,3 +327,33 @@ def test_prometheus_scrapes_the_admin_port_on_the_pods_address() -> None:
     assert env["GATEWAY_ADMIN_HOST"] not in ("127.0.0.1", "::1", "localhost")
     ports = {p["name"]: p["containerPort"] for p in container("gateway")["ports"]}
     assert ports["admin"] == int(env["GATEWAY_ADMIN_PORT"])
+
+
+# --- resources ------------------------------------------------------------------------------
+
+QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|Ki|Mi|Gi)?$")  # the suffixes used here
+SCALE = {None: 1.0, "m": 0.001, "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30}
+
+
+def quantity(text: str | int) -> float:
+    """A Kubernetes quantity (the schema takes any string; kubectl would refuse a bad one)."""
+    match = QUANTITY.match(str(text))
+    assert match is not None, f"not a quantity: {text!r}"
+    return float(match.group(1)) * SCALE[match.group(2)]
+
+
+def test_resources_are_quantities_and_the_gateway_fits_its_body_buffers(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    for name in SETTINGS:
+        resources = container(name)["resources"]
+        for kind in ("cpu", "memory"):
+            request, limit = resources["requests"][kind], resources["limits"][kind]
+            assert 0 < quantity(request) <= quantity(limit), f"{name} {kind}"
+    for key, value in environment("gateway").items():
+        clean_env.setenv(key, value)
+    buffers = GatewaySettings(_env_file=None).gateway_client_body_buffer_total_bytes
+    workers = GatewaySettings(_env_file=None).gateway_workers
+    # Request bodies held at once, per worker, must fit in the memory limit with room to spare.
+    limit = quantity(container("gateway")["resources"]["limits"]["memory"])
+    assert buffers * workers < limit / 2
