@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import ssl
 import subprocess
 import uuid
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pixelcraft.devservices import free_port
+from pixelcraft.devservices import dev_certificate, free_port
 from tests.conftest import wait_until
 from tests.deploy.conftest import ROOT, Podman, answers
 from tests.fakes.openai_server import FakeOpenAIServer, reply
@@ -215,3 +216,55 @@ async def test_chat_streams_through_gateway_and_upstream_containers(
     # The API key never reaches a log.
     for name in (upstream, gateway):
         assert API_KEY not in podman.logs(name, tail=None)
+
+
+async def test_healthcheck_follows_the_gateway_to_https(
+    image: str, podman: Podman, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """With TLS on, the HTTP port answers /healthz with a 308: the HEALTHCHECK asks HTTPS."""
+    tls = tmp_path / "tls"
+    cert, key = dev_certificate(tls)
+    # Readable by the image's user (a throwaway key for this test only).
+    tls.chmod(0o755)
+    for path in (cert, key):
+        path.chmod(0o644)
+    http_port, https_port, admin_port = free_port(), free_port(), free_port()
+    name = f"pctest-gateway-tls-{uuid.uuid4().hex[:8]}"
+    await podman.start(
+        name,
+        "--network=host",
+        f"--volume={tls}:/etc/pixelcraft/tls:ro",
+        f"--env=REDIS_URL={redis_url}",
+        f"--env=GATEWAY_REDIS_KEY_PREFIX={key_prefix}",
+        # Nothing listens there: a warning at boot, and /healthz does not depend on it.
+        f"--env=GATEWAY_UPSTREAM_URL=http://127.0.0.1:{free_port()}",
+        "--env=GATEWAY_HOST=127.0.0.1",
+        f"--env=GATEWAY_HTTP_PORT={http_port}",
+        f"--env=GATEWAY_HTTPS_PORT={https_port}",
+        f"--env=GATEWAY_ADMIN_PORT={admin_port}",
+        "--env=GATEWAY_TLS_CERT_FILE=/etc/pixelcraft/tls/cert.pem",
+        "--env=GATEWAY_TLS_KEY_FILE=/etc/pixelcraft/tls/key.pem",
+        image,
+    )
+    context = ssl.create_default_context(cafile=str(cert))
+    async with aiohttp.ClientSession() as session:
+
+        async def serving() -> bool:
+            running = await podman.arun("inspect", "--format", "{{.State.Running}}", name)
+            if running.strip() != "true":
+                raise AssertionError(f"{name} exited\n{podman.logs(name)}")
+            try:
+                url = f"https://127.0.0.1:{https_port}/healthz"
+                async with session.get(url, ssl=context) as resp:
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_until(serving, within=60, interval=0.2)
+        url = f"http://127.0.0.1:{http_port}/healthz"
+        async with session.get(url, allow_redirects=False) as resp:
+            assert resp.status == 308
+
+    health = await podman.health(name)
+    assert health["Status"] == "healthy", health
+    assert f"https://127.0.0.1:{https_port}/healthz: 200" in health["Log"][-1]["Output"]
