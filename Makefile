@@ -6,7 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench loadtest clean lock docs
+.PHONY: run test lint bench loadtest image clean lock docs
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,3 +55,9 @@ bench: $(STAMP)
 # Options: make loadtest LOADTEST_ARGS="--steps 10,50,100 --duration 30" (scripts/loadtest --help).
 loadtest: $(STAMP)
 	$(VPY) scripts/loadtest $(LOADTEST_ARGS)
+
+# The container image (Dockerfile) with podman: wheels built here, installed offline in the build.
+# On a machine that reaches no registry: make image IMAGE_ARGS=--local-base (a Debian base made
+# with mmdebstrap). Other options (--tag, --base, ...): scripts/build-image --help.
+image: $(VPY)
+	PYTHON=$(abspath $(VPY)) scripts/build-image $(IMAGE_ARGS)
