@@ -22,11 +22,11 @@ import aiohttp
 import pytest
 import yaml
 
-from pixelcraft.devservices import dev_certificate, free_port
+from devtools.services import dev_certificate, free_port
 from tests.conftest import RUN_ID, wait_until
 from tests.deploy.conftest import ROOT, Podman, answers
 from tests.fakes.openai_server import FakeOpenAIServer, reply
-from tests.sse import events
+from tests.support.sse import events
 
 pytestmark = pytest.mark.timeout(600)
 

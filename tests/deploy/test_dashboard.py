@@ -113,7 +113,7 @@ def test_promtool_accepts_every_query(tmp_path: Path) -> None:
 
 
 async def test_every_metric_a_query_names_is_exported(exported: Families) -> None:  # noqa: F811
-    missing = {}
+    missing: dict[str, str] = {}
     for where, expr in queries():
         for name in names(expr):
             if name in SYNTHETIC or name in exported:

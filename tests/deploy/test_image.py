@@ -18,11 +18,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pixelcraft.devservices import dev_certificate, free_port
+from devtools.services import dev_certificate, free_port
 from tests.conftest import wait_until
 from tests.deploy.conftest import ROOT, Podman, answers
 from tests.fakes.openai_server import FakeOpenAIServer, reply
-from tests.sse import events
+from tests.support.sse import events
 
 # The first test of a session builds the base and the image (about a minute).
 pytestmark = pytest.mark.timeout(600)

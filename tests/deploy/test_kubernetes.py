@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import kubernetes_validate
@@ -61,7 +61,7 @@ def pod() -> dict[str, Any]:
 
 def container(name: str) -> dict[str, Any]:
     (found,) = [c for c in pod()["containers"] if c["name"] == name]
-    return found
+    return cast(dict[str, Any], found)
 
 
 def config_env(name: str) -> dict[str, str]:
@@ -88,12 +88,12 @@ def environment(name: str) -> dict[str, str]:
 
 def mount_of(container_name: str, volume: str) -> dict[str, Any]:
     (found,) = [m for m in container(container_name)["volumeMounts"] if m["name"] == volume]
-    return found
+    return cast(dict[str, Any], found)
 
 
 def volume(name: str) -> dict[str, Any]:
     (found,) = [v for v in pod()["volumes"] if v["name"] == name]
-    return found
+    return cast(dict[str, Any], found)
 
 
 def exec_code(probe: dict[str, Any]) -> str:
