@@ -184,7 +184,8 @@ class Limiter:
         budget's (the reservation), the ceiling's. Buckets that cost nothing are left out."""
         policies = self.policies
         policy = policies.match(method, path)
-        if identity.plan != DEFAULT_PLAN or self.overrides is not None:
+        overrides = self.overrides
+        if identity.plan != DEFAULT_PLAN or (overrides is not None and overrides.entries):
             policy = self.effective(policy, identity)
         applied: list[Policy] = []
         takes: list[Take] = []

@@ -8,6 +8,7 @@ overrides) with who made it and why.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass
@@ -128,7 +129,8 @@ class LimitsOperator:
                 entry = mine.get(policy.name)
                 effective = policy
                 if entry is not None and entry.live(now):
-                    effective = override(policy, entry.values)
+                    with contextlib.suppress(PolicyError):  # the gateways ignore it too
+                        effective = override(policy, entry.values)
                 for budget in [effective, effective.tokens]:
                     if budget is None:
                         continue
