@@ -69,7 +69,11 @@ def postgres_admin_url(services_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def database_url(postgres_admin_url: str) -> Iterator[str]:
     """A database of this run's own, dropped at the end."""
-    name = f"pixelcraft_test_{RUN_ID}"
+    yield from scratch_database(postgres_admin_url, f"pixelcraft_test_{RUN_ID}")
+
+
+def scratch_database(postgres_admin_url: str, name: str) -> Iterator[str]:
+    """Create database `name`, yield its URL, drop it (whoever is still connected)."""
 
     async def admin(sql: str) -> None:
         conn = await asyncpg.connect(postgres_admin_url)

@@ -459,19 +459,27 @@ async def test_every_metric_the_rules_name_is_exported(exported: Families) -> No
     assert missing == {}
 
 
+def selector_problems(where: str, expr: str, exported: Families) -> list[str]:
+    """Labels (and the checked label values) that a query's selectors match but no exported
+    series has: a typo there silently matches nothing."""
+    problems = []
+    for name, matchers in SELECTOR.findall(expr):
+        if name in SYNTHETIC or name not in exported:
+            continue
+        _, samples = exported[name]
+        for label, op, value in MATCHER.findall(matchers):
+            if label in TARGET_LABELS or not samples:
+                continue  # a labelled metric with no samples yet says nothing about labels
+            values = {sample[label] for sample in samples if label in sample}
+            if not values:
+                problems.append(f"{where}: {name} has no label {label}")
+            elif op in ("=", "!=") and label in CHECKED_VALUES and value not in values:
+                problems.append(f"{where}: no {name}{{{label}={value!r}}}")
+    return problems
+
+
 async def test_label_names_and_values_the_rules_match_exist(exported: Families) -> None:
     problems = []
     for rule in rules():
-        for name, matchers in SELECTOR.findall(rule["expr"]):
-            if name in SYNTHETIC or name not in exported:
-                continue
-            _, samples = exported[name]
-            for label, op, value in MATCHER.findall(matchers):
-                if label in TARGET_LABELS or not samples:
-                    continue  # a labelled metric with no samples yet says nothing about labels
-                values = {sample[label] for sample in samples if label in sample}
-                if not values:
-                    problems.append(f"{rule['alert']}: {name} has no label {label}")
-                elif op in ("=", "!=") and label in CHECKED_VALUES and value not in values:
-                    problems.append(f"{rule['alert']}: no {name}{{{label}={value!r}}}")
+        problems += selector_problems(rule["alert"], rule["expr"], exported)
     assert problems == []

@@ -51,12 +51,11 @@ from gateway.limiting.policies import DEFAULT_PLAN
 from gateway.limiting.usage import UsageWatcher
 from gateway.metrics import OTHER
 from pixelcraft.logs import request_id_var
+from pixelcraft.problems import PROBLEM_JSON, render
 
 if TYPE_CHECKING:
     from gateway.edge.connection import Connection
     from gateway.edge.routes import Route
-
-from pixelcraft.problems import PROBLEM_JSON, render
 
 logger = logging.getLogger(__name__)
 

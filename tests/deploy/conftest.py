@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 
-from tests.conftest import RUN_ID, with_database
+from tests.conftest import RUN_ID, scratch_database
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_IMAGE = ROOT / "scripts" / "build-image"
@@ -159,18 +158,7 @@ def podman(podman_env: dict[str, str]) -> Iterator[Podman]:
 @pytest.fixture(scope="session")
 def image_database_url(postgres_admin_url: str) -> Iterator[str]:
     """A database of the container tests' own (the containers run migrations), dropped after."""
-    name = f"pixelcraft_test_{RUN_ID}_image"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(postgres_admin_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    yield with_database(postgres_admin_url, name)
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    yield from scratch_database(postgres_admin_url, f"pixelcraft_test_{RUN_ID}_image")
 
 
 async def answers(session: aiohttp.ClientSession, url: str) -> bool:

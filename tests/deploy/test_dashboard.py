@@ -13,10 +13,7 @@ from typing import Any
 import yaml
 
 from tests.test_prometheus_rules import (
-    CHECKED_VALUES,
-    MATCHER,
     METRIC,
-    SELECTOR,
     SYNTHETIC,
     TARGET_LABELS,
     TLS_METRICS,
@@ -24,6 +21,7 @@ from tests.test_prometheus_rules import (
     exported,  # noqa: F401  (the live gateway and chat service fixture)
     promtool,
     run,
+    selector_problems,
     tls_available,
 )
 
@@ -127,18 +125,7 @@ async def test_every_metric_a_query_names_is_exported(exported: Families) -> Non
 async def test_labels_and_label_values_the_queries_use_exist(exported: Families) -> None:  # noqa: F811
     problems = []
     for where, expr in queries():
-        for name, matchers in SELECTOR.findall(expr):
-            if name in SYNTHETIC or name not in exported:
-                continue
-            _, samples = exported[name]
-            for label, op, value in MATCHER.findall(matchers):
-                if label in TARGET_LABELS or not samples:
-                    continue  # a labelled metric with no samples yet says nothing about labels
-                values = {sample[label] for sample in samples if label in sample}
-                if not values:
-                    problems.append(f"{where}: {name} has no label {label}")
-                elif op in ("=", "!=") and label in CHECKED_VALUES and value not in values:
-                    problems.append(f"{where}: no {name}{{{label}={value!r}}}")
+        problems += selector_problems(where, expr, exported)
         # `by (...)` and the like: a label no metric of the query has silently sums everything.
         known = {
             label
