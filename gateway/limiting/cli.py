@@ -57,12 +57,18 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     top.add_argument("--json", action="store_true", help="print JSON instead of text")
+    # --json after the command too (`limits show alice --json`); SUPPRESS keeps a top-level one.
+    json_option = argparse.ArgumentParser(add_help=False)
+    json_option.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = sub.add_parser
 
-    show = sub.add_parser("show", help="a user's plan(s), overrides, buckets and leases")
+    show = add(
+        "show", parents=[json_option], help="a user's plan(s), overrides, buckets and leases"
+    )
     show.add_argument("user")
 
-    change = sub.add_parser("set", help="override a policy for a user")
+    change = add("set", parents=[json_option], help="override a policy for a user")
     change.add_argument("user")
     change.add_argument("policy")
     change.add_argument("--rate", help='refill, "N/second|minute|hour|day"')
@@ -74,20 +80,22 @@ def parser() -> argparse.ArgumentParser:
     change.add_argument("--reason", required=True, help="why (kept in the audit stream)")
     change.add_argument("--by", help="who (default: the login name and host)")
 
-    remove = sub.add_parser("unset", help="remove a user's override of a policy")
+    remove = add("unset", parents=[json_option], help="remove a user's override of a policy")
     remove.add_argument("user")
     remove.add_argument("policy")
     remove.add_argument("--reason", required=True)
     remove.add_argument("--by")
 
-    reset = sub.add_parser("reset", help="refill a user's buckets (one policy's, or all)")
+    reset = add(
+        "reset", parents=[json_option], help="refill a user's buckets (one policy's, or all)"
+    )
     reset.add_argument("user")
     reset.add_argument("policy", nargs="?")
     reset.add_argument("--reason", required=True)
     reset.add_argument("--by")
 
-    sub.add_parser("list-overrides", help="every override, live or lapsed")
-    audit = sub.add_parser("audit", help="the last changes, oldest first")
+    add("list-overrides", parents=[json_option], help="every override, live or lapsed")
+    audit = add("audit", parents=[json_option], help="the last changes, oldest first")
     audit.add_argument("--count", type=int, default=50)
     return top
 
