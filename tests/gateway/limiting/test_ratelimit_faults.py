@@ -12,10 +12,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from devtools.services import RedisCluster, RedisSentinel, RedisServer
 from gateway.app import create_app
 from gateway.limiting.breaker import SLOW_TRIPS
+from gateway.limiting.limiter import identity_digest
 from gateway.metrics import metrics_key
 from pixelcraft.boot import DependencyUnavailable
 from tests.conftest import wait_until
@@ -242,8 +244,22 @@ def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
         yield running
 
 
+def user_on_slots(prefix: str, low: int, high: int) -> dict[str, str]:
+    """A user whose `default` bucket key hashes to a slot in [low, high]: the cluster's slots
+    are split evenly in ranges, so users drawn from far-apart ranges sit on different nodes."""
+    while True:
+        who = user()
+        key = f"{prefix}rl:default:{identity_digest('header', who['X-User-Id'])}"
+        if low <= key_slot(key.encode()) <= high:
+            return who
+
+
 async def test_limits_are_exact_on_a_redis_cluster(
-    make_gateway: GatewayFactory, upstream: FakeUpstream, cluster: RedisCluster, tmp_path: Path
+    make_gateway: GatewayFactory,
+    upstream: FakeUpstream,
+    cluster: RedisCluster,
+    tmp_path: Path,
+    bucket_prefix: str,
 ) -> None:
     path = policy_file(tmp_path, rate="1/minute", burst=3, ip_rate="1/minute", ip_burst=7)
     client = await make_gateway(
@@ -253,8 +269,13 @@ async def test_limits_are_exact_on_a_redis_cluster(
         gateway_ratelimit_config=path,
         gateway_ratelimit_timeout_ms=1000,
     )
-    # several users: their buckets land on different nodes, and so does the ceiling
-    users = [user() for _ in range(3)]
+    # several users whose buckets land on different nodes (the first and last third of the
+    # slots), so a request's keys are on two nodes at least
+    users = [
+        user_on_slots(bucket_prefix, 0, 5000),
+        user_on_slots(bucket_prefix, 11500, 16383),
+        user(),
+    ]
     statuses = [(await client.get("/echo", headers=who)).status for who in users for _ in range(4)]
     assert statuses[:4] == [200, 200, 200, 429]
     assert statuses.count(200) == 7  # the ceiling: 7 per address across them all
