@@ -157,38 +157,33 @@ def concurrency_object(policy: Policy) -> dict[str, Any]:
     }
 
 
-def ratelimit_of(policies: Policies, method: str, path: str) -> list[dict[str, Any]]:
-    """The policies the limiter applies to `method path`, in RateLimit-Policy order."""
+def applied_to(policy: Policy, ceilings: list[Policy | None]) -> list[dict[str, Any]]:
+    """`policy` (a user policy, or a plan's version of it) and the per-address `ceilings` that
+    cost something, in RateLimit-Policy order."""
     applied = []
-    policy = policies.match(method.upper(), path)
     if policy.cost:
         applied.append(policy_object(policy, "user"))
     if policy.tokens is not None:
         applied.append(budget_object(policy))
-    if policy.address is not None and policy.address.cost:
-        applied.append(policy_object(policy.address, "address"))
-    if policies.ip is not None and policies.ip.cost:
-        applied.append(policy_object(policies.ip, "address"))
+    for ceiling in ceilings:
+        if ceiling is not None and ceiling.cost:
+            applied.append(policy_object(ceiling, "address"))
     if policy.concurrent is not None:
         applied.append(concurrency_object(policy))
     return applied
 
 
+def ratelimit_of(policies: Policies, method: str, path: str) -> list[dict[str, Any]]:
+    """The policies the limiter applies to `method path`, in RateLimit-Policy order."""
+    policy = policies.match(method.upper(), path)
+    return applied_to(policy, [policy.address, policies.ip])
+
+
 def plans_of(policies: Policies, method: str, path: str) -> dict[str, list[dict[str, Any]]]:
-    """What each configured plan's users get on `method path` (x-ratelimit-plans)."""
+    """What each configured plan's users get on `method path` (x-ratelimit-plans; the address
+    ceilings are the same for every plan, so they are in x-ratelimit alone)."""
     base = policies.match(method.upper(), path)
-    plans = {}
-    for plan, versions in policies.plans.items():
-        policy = versions[base.name]
-        applied = []
-        if policy.cost:
-            applied.append(policy_object(policy, "user"))
-        if policy.tokens is not None:
-            applied.append(budget_object(policy))
-        if policy.concurrent is not None:
-            applied.append(concurrency_object(policy))
-        plans[plan] = applied
-    return plans
+    return {plan: applied_to(versions[base.name], []) for plan, versions in policies.plans.items()}
 
 
 def _describe(limits: list[dict[str, Any]]) -> str:
