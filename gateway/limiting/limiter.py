@@ -53,6 +53,16 @@ def identity_digest(kind: str, value: str) -> str:
     return _digest(f"{kind}:{value}")
 
 
+def bucket_key(prefix: str, bucket: str, kind: str, value: str) -> str:
+    """The Redis key of one identity's bucket (`prefix` ends in `rl:`)."""
+    return f"{prefix}{bucket}:{identity_digest(kind, value)}"
+
+
+def lease_key(prefix: str, policy: str, kind: str, value: str) -> str:
+    """The Redis key of one identity's concurrency leases under `policy`."""
+    return f"{prefix}cc:{policy}:{_digest(f'{kind}:{value}')}"
+
+
 def address_key(address: str) -> str:
     """The `[ip]` ceiling's identity: the address, or its /64 for IPv6 (one subscriber's
     allocation: rotating through it must not multiply the ceiling)."""
@@ -140,8 +150,8 @@ class Limiter:
         take = self._takes.get((policy.bucket, kind, value))
         if take is None:
             interval, burst = policy.args
-            key = f"{self.prefix}{policy.bucket}:{identity_digest(kind, value)}"
-            take = Take(key, interval, burst, policy.cost)
+            take = Take(bucket_key(self.prefix, policy.bucket, kind, value), interval, burst,
+                        policy.cost)  # fmt: skip
             if policy.override:
                 return take
             if len(self._takes) >= KEY_CACHE:
@@ -350,7 +360,7 @@ class Limiter:
         cap = policy.concurrent
         assert cap is not None
         name = policy.concurrent_name
-        key = f"{self.prefix}cc:{policy.name}:{_digest(f'{identity.kind}:{identity.value}')}"
+        key = lease_key(self.prefix, policy.name, identity.kind, identity.value)
         mode = policy.failure_mode
         try:
             if not self.healthy:

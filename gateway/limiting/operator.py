@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.limiting.limiter import identity_digest
+from gateway.limiting.limiter import bucket_key, lease_key
 from gateway.limiting.overrides import Override, OverrideStore
 from gateway.limiting.policies import (
     DEFAULT_PLAN,
@@ -26,7 +26,7 @@ from gateway.limiting.policies import (
     override,
 )
 from gateway.limiting.scripts import LuaScript
-from pixelcraft.contract import ANONYMOUS_PREFIX, USER_ID
+from pixelcraft.contract import ANONYMOUS_PREFIX, USER_ID, reserved
 
 RELATIVE = re.compile(r"^\+?(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -64,10 +64,16 @@ def check_user(user: str) -> str:
     return user
 
 
+def required_reason(reason: str) -> str:
+    if not reason.strip():
+        raise OperatorError("reason: required (it goes to the audit stream)")
+    return reason.strip()
+
+
 def identities(user: str) -> list[tuple[str, str]]:
     """The identities a user's buckets may be keyed on: an anonymous client by its address,
     a named user as a token's `sub` and as a believed X-User-Id."""
-    if user[: len(ANONYMOUS_PREFIX)].lower() == ANONYMOUS_PREFIX:
+    if reserved(user):
         return [("ip", user[len(ANONYMOUS_PREFIX) :])]
     return [("jwt", user), ("header", user)]
 
@@ -117,32 +123,38 @@ class LimitsOperator:
         """The policy and every plan's version of it."""
         return [policy, *(plans[policy.name] for plans in self.policies.plans.values())]
 
+    def buckets_of(self, user: str, policies: list[Policy]) -> list[tuple[str, Policy, str]]:
+        """(Redis key, bucket policy, identity kind) of each policy's bucket and its token
+        budget's, for every identity the user's buckets may be keyed on."""
+        return [
+            (bucket_key(self.prefix, bucket.bucket, kind, value), bucket, kind)
+            for policy in policies
+            for bucket in (policy, policy.tokens)
+            if bucket is not None
+            for kind, value in identities(user)
+        ]
+
     async def show(self, user: str) -> dict[str, Any]:
         """Plan(s) seen, overrides, each bucket in Redis, leases held."""
         check_user(user)
         overrides = await self.store.all()
         now = time.time()
         mine = {p: o for (u, p), o in overrides.items() if u == user}
-        candidates: list[tuple[str, Policy, str, str]] = []
+        effective = []
         for base in self.policies.users():
             for policy in self.versions(base):
                 entry = mine.get(policy.name)
-                effective = policy
                 if entry is not None and entry.live(now):
                     with contextlib.suppress(PolicyError):  # the gateways ignore it too
-                        effective = override(policy, entry.values)
-                for budget in [effective, effective.tokens]:
-                    if budget is None:
-                        continue
-                    for kind, value in identities(user):
-                        key = f"{self.prefix}{budget.bucket}:{identity_digest(kind, value)}"
-                        candidates.append((key, budget, kind, value))
+                        policy = override(policy, entry.values)
+                effective.append(policy)
+        candidates = self.buckets_of(user, effective)
         pipe = self.client.pipeline(transaction=False)
         for key, *_ in candidates:
             pipe.exists(key)
         present = await pipe.execute()
         buckets = []
-        for (key, policy, kind, _), exists in zip(candidates, present, strict=True):
+        for (key, policy, kind), exists in zip(candidates, present, strict=True):
             if not exists:
                 continue
             interval, burst = policy.args
@@ -166,7 +178,7 @@ class LimitsOperator:
                 continue
             held = 0
             for kind, value in identities(user):
-                key = f"{self.prefix}cc:{base.name}:{identity_digest(kind, value)}"
+                key = lease_key(self.prefix, base.name, kind, value)
                 held += int(await self.client.zcount(key, now_ms, "+inf"))
             leases[base.concurrent_name] = held
         return {
@@ -199,43 +211,33 @@ class LimitsOperator:
         unknown = set(values) - PLAN_KEYS
         if unknown:
             raise OperatorError(f"set: unknown {', '.join(sorted(unknown))}")
-        if not reason.strip():
-            raise OperatorError("reason: required (it goes to the audit stream)")
+        reason = required_reason(reason)
         for version in self.versions(base):
             try:
                 override(version, values, where=f"{policy}@{version.plan}")
             except PolicyError as exc:
                 raise OperatorError("; ".join(exc.problems)) from None
-        entry = Override(user, policy, values, until, reason.strip(), by, time.time())
+        entry = Override(user, policy, values, until, reason, by, time.time())
         await self.store.set(entry)
         return entry
 
     async def unset(self, user: str, policy: str, *, reason: str, by: str) -> bool:
         check_user(user)
         self.user_policy(policy)
-        if not reason.strip():
-            raise OperatorError("reason: required (it goes to the audit stream)")
-        return await self.store.unset(user, policy, by=by, reason=reason.strip())
+        reason = required_reason(reason)
+        return await self.store.unset(user, policy, by=by, reason=reason)
 
     async def reset(self, user: str, policy: str | None, *, reason: str, by: str) -> int:
         """Refill a user's buckets (one policy's, or all), every plan's; the keys deleted."""
         check_user(user)
-        if not reason.strip():
-            raise OperatorError("reason: required (it goes to the audit stream)")
+        reason = required_reason(reason)
         bases = [self.user_policy(policy)] if policy is not None else self.policies.users()
-        keys = []
-        for base in bases:
-            for version in self.versions(base):
-                for bucket in [version, version.tokens]:
-                    if bucket is None:
-                        continue
-                    for kind, value in identities(user):
-                        keys.append(f"{self.prefix}{bucket.bucket}:{identity_digest(kind, value)}")
+        versions = [version for base in bases for version in self.versions(base)]
         deleted = 0
-        for key in keys:  # one key per command: valid on a Cluster
+        for key, _, _ in self.buckets_of(user, versions):  # one key per command: Cluster-safe
             deleted += int(await self.client.delete(key))
         await self.store.record(
-            "reset", user, policy or "*", by=by, reason=reason.strip(), detail={"keys": deleted}
+            "reset", user, policy or "*", by=by, reason=reason, detail={"keys": deleted}
         )
         return deleted
 
