@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.limiting.policies import DEFAULT_PLAN
 from pixelcraft.boot import DependencyUnavailable
 
 
@@ -144,7 +145,7 @@ class RateLimited(GatewayError):
         detail: str,
         violated: list[str],
         retry_after: int,
-        plan: str = "default",
+        plan: str = DEFAULT_PLAN,
         override: bool = False,
     ) -> None:
         super().__init__(detail)

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import TextIO
 
+from gateway.limiting.policies import DEFAULT_PLAN
 from pixelcraft.logs import JSON_TIME, TEXT_TIME, LogFormat, json_entry, text_line
 
 LOGGER = "gateway.access"
@@ -61,7 +62,7 @@ class AccessLog:
         elapsed: float,
         identity: str,
         aborted: str | None,
-        plan: str = "default",
+        plan: str = DEFAULT_PLAN,
     ) -> None:
         now = time.time()
         if self.fmt == "json":
@@ -84,7 +85,7 @@ class AccessLog:
                 self._stamp = time.strftime(TEXT_TIME, time.localtime(now))
             millis = int((now - second) * 1000)
             tail = f" aborted={aborted}" if aborted else ""
-            if plan != "default":
+            if plan != DEFAULT_PLAN:
                 tail += f" plan={plan}"
             line = text_line(
                 f"{self._stamp},{millis:03d}",

@@ -15,7 +15,6 @@ binds). The policy file is read per request, so the API agrees with what a SIGHU
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
+from gateway.auth.identity import trusted_peer
 from gateway.limiting.backend import close, connect
 from gateway.limiting.operator import LimitsOperator, OperatorError, parse_until
 from gateway.limiting.policies import PolicyError, load_policies
@@ -38,15 +38,7 @@ client_key: web.AppKey[Any] = web.AppKey("limits_redis")
 
 def allowed(peer: str | None, networks: list[IPNetwork]) -> bool:
     """Whether a peer address may use the API (an unknown peer, e.g. a unix socket, may not)."""
-    if peer is None:
-        return False
-    try:
-        address = ipaddress.ip_address(peer.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
+    return peer is not None and trusted_peer(peer, networks)
 
 
 def answer(status: int, title: str, detail: str, **members: Any) -> web.Response:
