@@ -10,19 +10,15 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.services import dev_certificate
 from gateway.settings import GatewaySettings
 from tests.conftest import GatewayStarter
 from upstream.app import create_app as create_upstream
@@ -348,33 +344,6 @@ def test_the_scrape_config_points_at_both_services_and_the_rules() -> None:
 # --- every name is exported -----------------------------------------------------------------
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=90))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 def tls_available() -> bool:
     return "gateway_tls_cert_file" in GatewaySettings.model_fields
 
@@ -416,7 +385,7 @@ async def exported(
         "GATEWAY_DRAIN_SECONDS": "1",
     }
     if tls_available():
-        cert_file, key_file = self_signed(tmp_path)
+        cert_file, key_file = dev_certificate(tmp_path)
         env |= {"GATEWAY_TLS_CERT_FILE": cert_file, "GATEWAY_TLS_KEY_FILE": key_file}
     gateway = await gateway_process(str(upstream.make_url("")).rstrip("/"), **env)
     base = gateway.https if tls_available() else gateway.url
